@@ -1,0 +1,68 @@
+"""Backbone registry: the adapter is chosen from the checkpoint's model_index.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from ..errors import SisoError
+from .base import Backbone, Conditioning, render
+from .stable_diffusion import StableDiffusionBackbone
+from .stable_diffusion_xl import StableDiffusionXLBackbone
+
+BACKBONES: list[type[Backbone]] = [StableDiffusionBackbone, StableDiffusionXLBackbone]
+
+__all__ = ["BACKBONES", "Backbone", "Conditioning", "backbone_class_for", "load_backbone", "render"]
+
+
+def _supported() -> str:
+    return ", ".join(name for cls in BACKBONES for name in cls.pipeline_classes)
+
+
+def read_pipeline_class(model: str) -> str:
+    """The ``_class_name`` in the model's model_index.json (a Hub id or a local directory)."""
+    path = Path(model)
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise SisoError(
+            f"{model} is not a diffusers pipeline directory (it has no model_index.json). "
+            "Pass a Hub id such as stabilityai/sdxl-turbo or a directory saved with save_pretrained."
+        )
+    try:
+        config = DiffusionPipeline.load_config(model)
+    except Exception as err:  # huggingface_hub raises several types for "not found / offline"
+        raise SisoError(
+            f"Could not read the model index of {model!r}: {err.__class__.__name__}. Check the id or path; "
+            "the first run of a Hub model needs internet access (or HF_HUB_OFFLINE unset) to download it."
+        ) from err
+    return config.get("_class_name", "")
+
+
+def backbone_class_for(model: str) -> type[Backbone]:
+    class_name = read_pipeline_class(model)
+    for cls in BACKBONES:
+        if class_name in cls.pipeline_classes:
+            return cls
+    raise SisoError(f"{model} is a {class_name or 'unknown'} checkpoint, which siso does not support; "
+                    f"supported pipelines: {_supported()}.")
+
+
+def load_backbone(model: str, device: torch.device, dtype: torch.dtype) -> Backbone:
+    """Load a diffusers checkpoint by Hub id or directory, frozen, on ``device`` in ``dtype``."""
+    cls = backbone_class_for(model)
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise SisoError(f"Could not load the pipeline {model!r}: {err}") from err
+    vae = getattr(pipeline, "vae", None)
+    if dtype == torch.float16 and vae is not None and getattr(vae.config, "force_upcast", False):
+        # This VAE overflows in fp16 (SDXL's does); keep it in fp32 as diffusers does when decoding.
+        vae.to(torch.float32)
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    for module in pipeline.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+            module.eval()
+    return cls(pipeline, model)

@@ -1,0 +1,41 @@
+"""Stable Diffusion 1.x/2.x checkpoints (SD-Turbo): one CLIP text encoder, a UNet, a VAE."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from ..config import BackbonePreset
+from .base import Backbone, Conditioning
+
+
+class StableDiffusionBackbone(Backbone):
+    pipeline_classes: ClassVar[tuple[str, ...]] = ("StableDiffusionPipeline",)
+    text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    preset: ClassVar[BackbonePreset] = BackbonePreset(learning_rate=2e-4, render_steps=4)
+
+    @property
+    def resolution_multiple(self) -> int:
+        downsamplings = len(self.denoiser.config.block_out_channels) - 1
+        return self.pipeline.vae_scale_factor * 2**downsamplings
+
+    def encode_prompt(self, prompt: str, resolution: int) -> Conditioning:
+        prompt_embeds, _ = self.pipeline.encode_prompt(prompt, self.device, 1, False)
+        return {"prompt_embeds": prompt_embeds}
+
+    def denoise_step(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
+                     step_kwargs: Mapping[str, Any]) -> torch.Tensor:
+        scheduler = self.pipeline.scheduler
+        model_input = scheduler.scale_model_input(latents, timestep)
+        noise_pred = self.denoiser(
+            model_input, timestep, encoder_hidden_states=cond["prompt_embeds"],
+            added_cond_kwargs=cond.get("added_cond_kwargs"), return_dict=False,
+        )[0]
+        return scheduler.step(noise_pred, timestep, latents, **step_kwargs, return_dict=False)[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return self.pipeline.image_processor.postprocess(image, output_type="pt")

@@ -1,0 +1,173 @@
+"""Every knob of a SISO run, as frozen dataclasses; backbone presets carry the method's numbers.
+
+The CLI maps 1:1 onto these fields, and ``run.json`` records them, so a run can be repeated from
+its record alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import SisoError
+
+DEFAULT_GENERATION_MODEL = "stabilityai/sdxl-turbo"
+DEFAULT_DINO_MODEL = "facebook/dinov2-large"
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+SIMILARITY_NAMES = ("dino", "ir")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+LORA_FORMATS = ("diffusers", "kohya")
+
+
+@dataclass(frozen=True)
+class BackbonePreset:
+    """The method's per-backbone numbers (see method-facts): used where the user gave none."""
+
+    learning_rate: float = 2e-4
+    denoise_steps: int = 1
+    grad_steps: int = 1
+    guidance_scale: float = 0.0
+    early_stop_patience: int = 7
+    render_steps: int = 4
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """A generation run: optimise a LoRA so the model's image of ``prompt`` shows the subject."""
+
+    subjects: tuple[Path, ...]
+    prompt: str
+    model: str = DEFAULT_GENERATION_MODEL
+    seed: int = 42
+    resolution: int = 512
+    max_steps: int = 50
+    learning_rate: float | None = None  # None: the backbone preset
+    early_stop_pct: float = 3.0
+    early_stop_patience: int | None = None  # None: the backbone preset
+    denoise_steps: int | None = None
+    grad_steps: int | None = None
+    lora_rank: int = 4
+    train_text_encoder: bool = False
+    dino_model: str = DEFAULT_DINO_MODEL
+    ir_model: str | None = None
+    similarity: tuple[str, ...] | None = None  # None: dino, plus ir when ir_model is set
+    dino_weight: float = 1.0
+    ir_weight: float = 1.0
+    device: str = "auto"
+    dtype: str = "auto"
+    lora_format: tuple[str, ...] = ("diffusers",)
+    # Adam, grad clipping: the reference's values; not on the CLI, but recorded.
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_weight_decay: float = 1e-2
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.subjects:
+            raise SisoError("No subject photo given: pass at least one with --subject PATH.")
+        object.__setattr__(self, "subjects", tuple(Path(p) for p in self.subjects))
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise SisoError('The prompt is empty: pass a description such as --prompt "a photo of a dog".')
+        _check_positive("max-steps", self.max_steps)
+        _check_positive("resolution", self.resolution)
+        _check_positive("lora-rank", self.lora_rank)
+        for name, value in (("denoise-steps", self.denoise_steps), ("grad-steps", self.grad_steps),
+                            ("early-stop-patience", self.early_stop_patience)):
+            if value is not None:
+                _check_positive(name, value)
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise SisoError(f"--lr must be a positive number, got {self.learning_rate}.")
+        if self.early_stop_pct < 0:
+            raise SisoError(f"--early-stop-pct must be >= 0, got {self.early_stop_pct}.")
+        if self.device not in DEVICES:
+            raise SisoError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}.")
+        if self.dtype not in DTYPES:
+            raise SisoError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        object.__setattr__(self, "lora_format", tuple(self.lora_format))
+        for fmt in self.lora_format:
+            if fmt not in LORA_FORMATS:
+                raise SisoError(f"--lora-format must be one of {', '.join(LORA_FORMATS)}, got {fmt!r}.")
+        if self.similarity is not None:
+            names = tuple(self.similarity)
+            unknown = [n for n in names if n not in SIMILARITY_NAMES]
+            if unknown or not names:
+                raise SisoError(
+                    f"--similarity takes a comma-separated list of {', '.join(SIMILARITY_NAMES)}; "
+                    f"got {','.join(names) or 'nothing'}."
+                )
+            if "ir" in names and not self.ir_model:
+                raise SisoError(
+                    "--similarity includes ir but no IR model is configured: pass --ir-model DIR "
+                    "(a directory made by `siso convert-ir`)."
+                )
+            object.__setattr__(self, "similarity", names)
+
+    @property
+    def similarity_names(self) -> tuple[str, ...]:
+        if self.similarity is not None:
+            return self.similarity
+        return ("dino", "ir") if self.ir_model else ("dino",)
+
+    def resolved(self, preset: BackbonePreset) -> GenerateConfig:
+        """Fill every ``None`` knob from the backbone preset, so the record shows what ran."""
+        values = {
+            "learning_rate": self.learning_rate if self.learning_rate is not None else preset.learning_rate,
+            "early_stop_patience": (
+                self.early_stop_patience if self.early_stop_patience is not None else preset.early_stop_patience
+            ),
+            "denoise_steps": self.denoise_steps if self.denoise_steps is not None else preset.denoise_steps,
+            "grad_steps": self.grad_steps if self.grad_steps is not None else preset.grad_steps,
+            "similarity": self.similarity_names,
+        }
+        resolved = _replace(self, **values)
+        if resolved.grad_steps > resolved.denoise_steps:
+            raise SisoError(
+                f"--grad-steps ({resolved.grad_steps}) cannot exceed --denoise-steps ({resolved.denoise_steps}): "
+                "gradients flow through the last k of the N denoising steps."
+            )
+        return resolved
+
+    def to_record(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["subjects"] = [str(p) for p in self.subjects]
+        return record
+
+
+def _replace(config: GenerateConfig, **changes: Any) -> GenerateConfig:
+    values = {f.name: getattr(config, f.name) for f in fields(config)}
+    values.update(changes)
+    return type(config)(**values)
+
+
+def _check_positive(flag: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise SisoError(f"--{flag} must be a whole number >= 1, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    """The second stage: the learned LoRA with any prompt and more denoising steps."""
+
+    model: str
+    prompt: str
+    lora: Path | None = None
+    steps: int | None = None  # None: the backbone preset's render_steps
+    seed: int = 42
+    resolution: int = 512
+    device: str = "auto"
+    dtype: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise SisoError('The prompt is empty: pass a description such as --prompt "a dog on the beach".')
+        _check_positive("resolution", self.resolution)
+        if self.steps is not None:
+            _check_positive("steps", self.steps)
+        if self.device not in DEVICES:
+            raise SisoError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}.")
+        if self.dtype not in DTYPES:
+            raise SisoError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")

@@ -1,0 +1,220 @@
+"""Generation: set up backbone, LoRA and similarity models for a config, run the loop, write the run.
+
+``optimize()`` gives the raw event stream; ``generate()`` runs it to the end and writes the run
+directory. The CLI and the web app are thin layers over these two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .backbones import Backbone, load_backbone, render
+from .config import GenerateConfig
+from .devices import dtype_name, resolve_device, resolve_dtype
+from .errors import SisoError
+from .images import load_image, pil_to_tensor, tensor_to_pil, working_copy
+from .lora import LoraState, attach_lora, save_lora, snapshot_lora
+from .optimize import LoopSettings, Optimization, StepEvent
+from .runs import RunWriter, check_run_dir, library_versions, prepare_run_dir
+from .similarity import SimilarityLoss, load_similarity
+
+Status = Callable[[str], None]
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+@dataclass
+class GenerationSession:
+    """A prepared generation: iterate it to optimise (``for event in session``)."""
+
+    config: GenerateConfig  # resolved: no None knobs left
+    backbone: Backbone
+    loss: SimilarityLoss
+    optimization: Optimization
+    device: torch.device
+    dtype: torch.dtype
+    setup_seconds: float = 0.0
+
+    def __iter__(self) -> Iterator[StepEvent]:
+        return iter(self.optimization)
+
+    def request_stop(self) -> None:
+        self.optimization.request_stop()
+
+    def save_lora(self, directory: str | Path) -> Path:
+        state: LoraState = self.optimization.best_lora
+        if state is None:
+            raise SisoError("No iteration finished, so there is no LoRA to save yet.")
+        return save_lora(self.backbone, state, directory, self.config.lora_format)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "task": "generate",
+            "config": self.config.to_record(),
+            "backbone": type(self.backbone).__name__,
+            "device": str(self.device),
+            "dtype": dtype_name(self.dtype),
+            "versions": library_versions(),
+        }
+
+
+def prepare_generation(config: GenerateConfig, status: Status = _quiet) -> GenerationSession:
+    """Load everything a run needs; fails fast (before any model loads) on bad inputs."""
+    started = time.perf_counter()
+    subjects = [working_copy(load_image(path, "subject photo")) for path in config.subjects]
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    with _out_of_memory_as_error(config):
+        status(f"Loading {config.model}")
+        backbone = load_backbone(config.model, device, dtype)
+        config = config.resolved(backbone.preset)
+        backbone.check_resolution(config.resolution)
+        models = {}
+        for name in config.similarity_names:
+            source = config.dino_model if name == "dino" else config.ir_model
+            status(f"Loading the {name} similarity model {source}")
+            models[name] = load_similarity(name, source, device, dtype)
+        weights = {"dino": config.dino_weight, "ir": config.ir_weight}
+        loss = SimilarityLoss(models, {n: weights[n] for n in models}, [pil_to_tensor(s) for s in subjects])
+        params = attach_lora(backbone, config.lora_rank, config.train_text_encoder, config.seed)
+        render_fn = _make_render(backbone, config)
+    optimization = Optimization(
+        render=render_fn,
+        loss_fn=loss,
+        params=params,
+        snapshot=lambda: snapshot_lora(backbone),
+        settings=LoopSettings(
+            max_steps=config.max_steps, learning_rate=config.learning_rate, early_stop_pct=config.early_stop_pct,
+            early_stop_patience=config.early_stop_patience, adam_betas=config.adam_betas,
+            adam_weight_decay=config.adam_weight_decay, adam_eps=config.adam_eps,
+            max_grad_norm=config.max_grad_norm,
+        ),
+    )
+    return GenerationSession(config, backbone, loss, optimization, device, dtype,
+                             setup_seconds=time.perf_counter() - started)
+
+
+def _make_render(backbone: Backbone, config: GenerateConfig) -> Callable[[], torch.Tensor]:
+    def render_with(cond):
+        return render(backbone, cond, config.seed, config.resolution, config.denoise_steps, config.grad_steps)
+
+    if config.train_text_encoder:
+        # The text encoders are being trained, so the prompt must be encoded anew each time.
+        return lambda: render_with(backbone.encode_prompt(config.prompt, config.resolution))
+    with torch.no_grad():
+        cond = backbone.encode_prompt(config.prompt, config.resolution)
+    return lambda: render_with(cond)
+
+
+@contextlib.contextmanager
+def _out_of_memory_as_error(config: GenerateConfig) -> Iterator[None]:
+    try:
+        yield
+    except torch.OutOfMemoryError as err:
+        raise SisoError(out_of_memory_advice(config)) from err
+
+
+def out_of_memory_advice(config: GenerateConfig) -> str:
+    hints = [f"a lower --resolution (now {config.resolution})"]
+    if config.train_text_encoder:
+        hints.append("dropping --train-text-encoder")
+    if "ir" in config.similarity_names:
+        hints.append("--similarity dino")
+    if config.dtype == "fp32":
+        hints.append("--dtype bf16")
+    if "xl" in config.model.lower():
+        hints.append("the smaller stabilityai/sd-turbo model")
+    return (f"The GPU ran out of memory running {config.model}. Try " + ", ".join(hints)
+            + ", or close other programs using the GPU.")
+
+
+@dataclass
+class GenerateResult:
+    """What ``generate`` returns: the best image, where the LoRA is, and the per-iteration losses."""
+
+    image: Image.Image | None
+    lora_dir: Path | None
+    history: list[dict[str, float]]
+    best_step: int | None
+    stop_reason: str | None
+    run_dir: Path
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def run_generation(config: GenerateConfig, out: str | Path, overwrite: bool = False,
+                   on_step: Callable[[StepEvent], None] | None = None, status: Status = _quiet,
+                   on_session: Callable[[GenerationSession], None] | None = None) -> GenerateResult:
+    """Prepare, optimise and write the run directory; Ctrl-C and NaN keep the best so far.
+
+    ``on_session`` receives the prepared session before the loop starts (the CLI uses it to wire
+    Ctrl-C to ``request_stop``).
+    """
+    check_run_dir(out, overwrite)
+    session = prepare_generation(config, status)
+    out_dir = prepare_run_dir(out, overwrite)
+    if on_session is not None:
+        on_session(session)
+    writer = RunWriter(out_dir, session.record())
+    optimization = session.optimization
+    failure: BaseException | None = None
+    try:
+        for event in session:
+            writer.on_step(event)
+            if on_step is not None:
+                on_step(event)
+    except KeyboardInterrupt:
+        optimization.stop_reason = "interrupted"
+    except torch.OutOfMemoryError as err:
+        optimization.stop_reason = "out_of_memory"
+        failure = SisoError(out_of_memory_advice(session.config) + f" The best of {len(optimization.history)} "
+                            f"iterations so far was saved in {out_dir}.")
+        failure.__cause__ = err
+    if optimization.stop_reason is None:  # the consumer stopped iterating early
+        optimization.stop_reason = "interrupted"
+    record = writer.finish(optimization, session.save_lora, {"setup_seconds": round(session.setup_seconds, 3)})
+    if failure is not None:
+        raise failure
+    return GenerateResult(
+        image=tensor_to_pil(optimization.best_image) if optimization.best_image is not None else None,
+        lora_dir=out_dir / "lora" if optimization.best_lora is not None else None,
+        history=list(optimization.history),
+        best_step=optimization.best_step,
+        stop_reason=optimization.stop_reason,
+        run_dir=out_dir,
+        record=record,
+    )
+
+
+def _config(subject: str | Path | list[str | Path], prompt: str, options: dict[str, Any]) -> GenerateConfig:
+    subjects = tuple(subject) if isinstance(subject, (list, tuple)) else (subject,)
+    return GenerateConfig(subjects=subjects, prompt=prompt, **options)
+
+
+def optimize(subject: str | Path | list[str | Path], prompt: str, **options: Any) -> GenerationSession:
+    """Stream a generation: ``for event in siso.optimize("dog.jpg", "a photo of a dog"): ...``.
+
+    ``options`` are :class:`GenerateConfig` fields. Nothing is written to disk; call
+    ``session.save_lora(dir)`` to keep the best LoRA.
+    """
+    return prepare_generation(_config(subject, prompt, options))
+
+
+def generate(subject: str | Path | list[str | Path], prompt: str, out: str | Path, *, overwrite: bool = False,
+             on_step: Callable[[StepEvent], None] | None = None, **options: Any) -> GenerateResult:
+    """Personalise the model on the subject photo(s) and write the run directory ``out``.
+
+    Returns the best image, the LoRA directory (loadable by ``pipe.load_lora_weights``) and the
+    per-iteration losses. ``options`` are :class:`GenerateConfig` fields (``model``, ``seed``,
+    ``max_steps``, ``learning_rate``, ...).
+    """
+    return run_generation(_config(subject, prompt, options), out, overwrite=overwrite, on_step=on_step)

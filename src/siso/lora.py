@@ -1,0 +1,101 @@
+"""LoRA on the frozen backbone: attach (fp32 on bf16 weights), snapshot, and write the files
+plain diffusers, ComfyUI and A1111 load."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from .backbones import Backbone
+from .config import LORA_TARGETS, TEXT_ENCODER_LORA_TARGETS
+
+ADAPTER_NAME = "siso"
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHT_NAME = "siso_lora_kohya.safetensors"
+
+# component name -> {peft key: tensor}
+LoraState = dict[str, dict[str, torch.Tensor]]
+
+
+def attach_lora(backbone: Backbone, rank: int, train_text_encoder: bool, seed: int) -> list[torch.nn.Parameter]:
+    """Add a rank-``rank`` LoRA (alpha = rank, so scale 1) and return its parameters, in fp32.
+
+    Gaussian init: A random, B zero, so the first render equals the untouched model's. The init is
+    drawn from ``seed`` without disturbing the global RNG, so a run is repeatable.
+    """
+    targets = {backbone.denoiser_name: LORA_TARGETS}
+    if train_text_encoder:
+        targets.update({name: TEXT_ENCODER_LORA_TARGETS for name in backbone.text_encoder_names})
+    params: list[torch.nn.Parameter] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name, modules in targets.items():
+            model = getattr(backbone.pipeline, name)
+            config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(modules))
+            model.add_adapter(config, adapter_name=ADAPTER_NAME)
+            # Frozen weights may be bf16; the LoRA itself trains in fp32 (peft casts inputs to it).
+            cast_training_params(model, torch.float32)
+            params.extend(p for p in model.parameters() if p.requires_grad)
+    return params
+
+
+def lora_components(backbone: Backbone) -> list[str]:
+    """The components that currently carry our adapter."""
+    names = [backbone.denoiser_name, *backbone.text_encoder_names]
+    return [n for n in names if ADAPTER_NAME in (getattr(getattr(backbone.pipeline, n), "peft_config", None) or {})]
+
+
+def snapshot_lora(backbone: Backbone) -> LoraState:
+    """A CPU copy of the adapter weights (peft key layout), cheap at rank 4."""
+    return {
+        name: {
+            key: value.detach().to("cpu", copy=True)
+            for key, value in get_peft_model_state_dict(
+                getattr(backbone.pipeline, name), adapter_name=ADAPTER_NAME
+            ).items()
+        }
+        for name in lora_components(backbone)
+    }
+
+
+def save_lora(backbone: Backbone, state: LoraState, directory: str | Path,
+              formats: tuple[str, ...] = ("diffusers",)) -> Path:
+    """Write ``state`` into ``directory``: diffusers' layout always, kohya's too when asked.
+
+    Files are written into a temporary sibling directory and moved into place, so an interrupted
+    save never leaves a half-written LoRA.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".lora-", dir=directory.parent))
+    try:
+        diffusers_layers = {name: convert_state_dict_to_diffusers(layers) for name, layers in state.items()}
+        backbone.save_lora_weights(str(staging), diffusers_layers)
+        if "kohya" in formats:
+            prefixed = {f"{name}.{key}": value for name, layers in state.items() for key, value in layers.items()}
+            kohya = {k: v.contiguous() for k, v in convert_state_dict_to_kohya(prefixed).items()}
+            save_file(kohya, staging / KOHYA_WEIGHT_NAME, metadata={"ss_network_module": "networks.lora"})
+        for file in staging.iterdir():
+            file.replace(directory / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def load_lora_state(backbone: Backbone, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Put a snapshot back into the live adapter (used to render the best LoRA again)."""
+    from peft.utils import set_peft_model_state_dict
+
+    for name, layers in state.items():
+        model = getattr(backbone.pipeline, name)
+        device = next(model.parameters()).device
+        set_peft_model_state_dict(model, {k: v.to(device) for k, v in layers.items()}, adapter_name=ADAPTER_NAME)

@@ -1,0 +1,147 @@
+"""THE loop. It knows nothing of SD vs FLUX: it gets a render function, a loss function and the
+LoRA parameters, and yields one event per iteration.
+
+Everything else (run directory, progress bar, web app, Ctrl-C) hangs off the event stream.
+Stopping at any point keeps the best iteration so far.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+STOP_REASONS = ("early_stop", "max_steps", "interrupted", "nan", "out_of_memory")
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    max_steps: int = 50
+    learning_rate: float = 2e-4
+    early_stop_pct: float = 3.0
+    early_stop_patience: int = 7
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_weight_decay: float = 1e-2
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One finished iteration: the image rendered with the LoRA as it was before this step's update."""
+
+    step: int
+    image: torch.Tensor  # (1, 3, H, W), CPU, float32, in [0, 1]
+    losses: dict[str, float]
+    is_best: bool
+    best_step: int | None
+    best_total: float
+    seconds: float  # wall time of this iteration
+
+
+class EarlyStopping:
+    """Stop when the loss has not improved by ``pct`` % for ``patience`` iterations in a row.
+
+    "Improved" is measured against the loss of the last significant improvement, so a slow drift
+    of tiny improvements does not keep a run alive (the reference implementation's rule, with a
+    positive loss).
+    """
+
+    def __init__(self, pct: float, patience: int) -> None:
+        self.factor = 1.0 - pct / 100.0
+        self.patience = patience
+        self.reference = math.inf
+        self.stale = 0
+
+    def update(self, loss: float) -> bool:
+        """Record ``loss``; True when the run should stop."""
+        if loss < self.reference * self.factor or self.reference == math.inf:
+            self.reference = loss
+            self.stale = 0
+        else:
+            self.stale += 1
+        return self.stale >= self.patience
+
+
+@dataclass
+class Optimization:
+    """An iterable optimisation: ``for event in optimization`` runs it, one event per iteration.
+
+    ``render()`` must return an image in [0, 1] whose graph reaches ``params``; ``loss_fn(image)``
+    returns a dict of scalar tensors including ``total``; ``snapshot()`` copies the LoRA weights.
+    After (or during) iteration, ``best_*``, ``history`` and ``stop_reason`` describe the run.
+    """
+
+    render: Callable[[], torch.Tensor]
+    loss_fn: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    params: Sequence[torch.nn.Parameter]
+    snapshot: Callable[[], Any]
+    settings: LoopSettings = field(default_factory=LoopSettings)
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_step: int | None = None
+    best_total: float = math.inf
+    best_image: torch.Tensor | None = None
+    best_lora: Any = None
+    stop_reason: str | None = None
+    _stop_requested: bool = False
+    _optimizer: torch.optim.Optimizer | None = None
+    _stopper: EarlyStopping | None = None
+
+    def request_stop(self) -> None:
+        """Stop after the current iteration (Ctrl-C, a Stop button); the best so far is kept."""
+        self._stop_requested = True
+
+    def __iter__(self) -> Iterator[StepEvent]:
+        s = self.settings
+        # Created once: iterating again continues the run with the same optimiser state.
+        if self._optimizer is None:
+            self._optimizer = torch.optim.AdamW(
+                self.params, lr=s.learning_rate, betas=s.adam_betas, weight_decay=s.adam_weight_decay, eps=s.adam_eps
+            )
+            self._stopper = EarlyStopping(s.early_stop_pct, s.early_stop_patience)
+        optimizer, stopper = self._optimizer, self._stopper
+        self.stop_reason, self._stop_requested = None, False
+        start_step = len(self.history)
+        for step in range(start_step, s.max_steps):
+            started = time.perf_counter()
+            image = self.render()
+            losses = self.loss_fn(image)
+            total = losses["total"]
+            values = {"step": step, **{name: float(value.detach()) for name, value in losses.items()}}
+            self.history.append(values)
+            finite = math.isfinite(values["total"])
+            is_best = finite and values["total"] < self.best_total
+            if is_best:
+                # Snapshot before the update below: this image was made by these weights.
+                self.best_step, self.best_total = step, values["total"]
+                self.best_image = image.detach().float().cpu()
+                self.best_lora = self.snapshot()
+            if not finite:
+                self.stop_reason = "nan"
+            elif stopper.update(values["total"]):
+                self.stop_reason = "early_stop"
+            elif step == s.max_steps - 1:
+                self.stop_reason = "max_steps"
+            elif self._stop_requested:
+                self.stop_reason = "interrupted"
+            else:
+                # Update before yielding, so the graph is freed while the consumer writes files.
+                total.backward()
+                torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            del total, losses
+            event = StepEvent(
+                step=step, image=image.detach().float().cpu(), losses=values, is_best=is_best,
+                best_step=self.best_step, best_total=self.best_total, seconds=time.perf_counter() - started,
+            )
+            del image
+            yield event
+            if self.stop_reason is None and self._stop_requested:
+                self.stop_reason = "interrupted"
+            if self.stop_reason is not None:
+                return

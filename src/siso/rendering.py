@@ -1,0 +1,76 @@
+"""The second stage: render any prompt with a learned LoRA, through the plain diffusers pipeline.
+
+Using the unmodified pipeline here is deliberate: what siso renders is what any diffusers user
+gets from ``pipe.load_lora_weights(run_dir / "lora")``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .backbones import Backbone, load_backbone
+from .config import RenderConfig
+from .devices import resolve_device, resolve_dtype
+from .errors import SisoError
+from .files import write_png
+from .images import tensor_to_pil
+from .lora import DIFFUSERS_WEIGHT_NAME
+
+
+def check_lora_dir(lora: Path) -> None:
+    if not lora.exists():
+        raise SisoError(f"--lora {lora} does not exist; pass the lora/ directory of a siso run.")
+    if lora.is_dir() and not (lora / DIFFUSERS_WEIGHT_NAME).is_file():
+        raise SisoError(
+            f"--lora {lora} has no {DIFFUSERS_WEIGHT_NAME}; pass the lora/ directory of a siso run "
+            "(or a diffusers LoRA directory)."
+        )
+
+
+def load_render_backbone(config: RenderConfig) -> Backbone:
+    if config.lora is not None:
+        check_lora_dir(Path(config.lora))
+    device = resolve_device(config.device)
+    backbone = load_backbone(config.model, device, resolve_dtype(config.dtype, device))
+    backbone.check_resolution(config.resolution)
+    if config.lora is not None:
+        lora = Path(config.lora)
+        try:
+            if lora.is_dir():
+                backbone.pipeline.load_lora_weights(str(lora))
+            else:
+                backbone.pipeline.load_lora_weights(str(lora.parent), weight_name=lora.name)
+        except (ValueError, KeyError, OSError, RuntimeError) as err:
+            raise SisoError(
+                f"The LoRA in {lora} does not fit {config.model} ({err.__class__.__name__}: {err}). "
+                "Use the model the LoRA was learned on (see the run's run.json)."
+            ) from err
+    return backbone
+
+
+def render_with(backbone: Backbone, config: RenderConfig) -> Image.Image:
+    steps = config.steps or backbone.preset.render_steps
+    generator = torch.Generator(backbone.device).manual_seed(config.seed)
+    with torch.no_grad():
+        images = backbone.pipeline(
+            config.prompt, num_inference_steps=steps, guidance_scale=backbone.preset.guidance_scale,
+            generator=generator, height=config.resolution, width=config.resolution, output_type="pt",
+        ).images
+    return tensor_to_pil(images[0])
+
+
+def render(model: str, prompt: str, lora: str | Path | None = None, out: str | Path | None = None, *,
+           steps: int | None = None, seed: int = 42, resolution: int = 512, device: str = "auto",
+           dtype: str = "auto") -> Image.Image:
+    """Render ``prompt`` with ``model`` plus an optional learned LoRA; write ``out`` if given."""
+    config = RenderConfig(model=model, prompt=prompt, lora=Path(lora) if lora else None, steps=steps, seed=seed,
+                          resolution=resolution, device=device, dtype=dtype)
+    if out is not None and Path(out).suffix.lower() != ".png":
+        raise SisoError(f"--out {out} must be a .png file path.")
+    image = render_with(load_render_backbone(config), config)
+    if out is not None:
+        write_png(image, out)
+    return image

@@ -1,0 +1,41 @@
+"""DINOv2 through transformers: the CLS token after the final layer norm (``pooler_output``)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModel
+
+from ..errors import SisoError
+from .base import Preprocessing, SimilarityModel
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DinoSimilarity(SimilarityModel):
+    name = "dino"
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        # timm's eval recipe for DINOv2 (crop_pct 1.0): shorter side to the model's native size
+        # (518 for facebook/dinov2-*), centre crop, ImageNet statistics.
+        size = int(model.config.image_size)
+        self.preprocessing = Preprocessing(resize=size, crop=size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).pooler_output
+
+    @classmethod
+    def from_pretrained(cls, source: str, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> DinoSimilarity:
+        try:
+            model = AutoModel.from_pretrained(source, dtype=dtype)
+        except Exception as err:  # hub errors come in many types; the message is what matters
+            raise SisoError(
+                f"Could not load the DINO model {source!r} ({err.__class__.__name__}: {err}). Pass a Hub id "
+                "such as facebook/dinov2-large or a local directory with --dino-model."
+            ) from err
+        if getattr(model.config, "model_type", None) != "dinov2":
+            raise SisoError(f"--dino-model {source} is a {model.config.model_type} model, not DINOv2.")
+        return cls(model.to(device).eval().requires_grad_(False))
