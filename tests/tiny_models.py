@@ -111,3 +111,16 @@ def dino_model() -> Dinov2Model:
 def save(model, directory: Path) -> Path:
     model.save_pretrained(directory)
     return directory
+
+
+def ir_dir(directory: Path) -> Path:
+    """A tiny IR tower (overlapping patches, stride 12) in the layout `siso convert-ir` writes."""
+    from siso.similarity.ir import SisoIRConfig, SisoIRModel
+
+    torch.manual_seed(0)
+    config = SisoIRConfig(
+        hidden_size=32, intermediate_size=64, projection_dim=24, num_hidden_layers=2, num_attention_heads=2,
+        image_size=38, patch_size=14, patch_stride=12, embedding_dim=16,
+    )
+    SisoIRModel(config).save_pretrained(directory)
+    return directory

@@ -139,7 +139,8 @@ def _to_hf(state_dict: Mapping[str, torch.Tensor], num_layers: int) -> dict[str,
         src, dst = f"transformer.resblocks.{i}.", f"vision_model.encoder.layers.{i}."
         # nn.MultiheadAttention packs q, k, v (in that order) along dim 0.
         for kind in ("weight", "bias"):
-            q, k, v = sd[f"{src}attn.in_proj_{kind}"].chunk(3, dim=0)
+            # Cloned: safetensors refuses tensors that share memory, as these three views would.
+            q, k, v = (t.clone() for t in sd[f"{src}attn.in_proj_{kind}"].chunk(3, dim=0))
             out.update({f"{dst}self_attn.{n}_proj.{kind}": t for n, t in zip("qkv", (q, k, v), strict=True)})
         for a, b in (
             ("ln_1", "layer_norm1"),
@@ -150,8 +151,8 @@ def _to_hf(state_dict: Mapping[str, torch.Tensor], num_layers: int) -> dict[str,
         ):
             for kind in ("weight", "bias"):
                 out[f"{dst}{b}.{kind}"] = sd[f"{src}{a}.{kind}"]
-    # Own, contiguous storage per tensor: safetensors refuses views that share memory (the q/k/v chunks).
-    return {k: v.contiguous().clone() for k, v in out.items()}
+    # No copies beyond those (the ViT-H checkpoint is ~2.5 GB); contiguous() copies only the transposed proj.
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -221,7 +222,8 @@ def convert_ir_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         tmp.mkdir()
-        model.save_pretrained(tmp)
+        # One file (ViT-H is ~2.5 GB in fp32): IRSimilarity.from_pretrained looks for model.safetensors.
+        model.save_pretrained(tmp, max_shard_size="100GB")
         _check_out_dir(out_dir)  # it may have appeared during the conversion
         # rename(2) replaces an empty directory atomically, and fails on a non-empty one.
         os.replace(tmp, out_dir)

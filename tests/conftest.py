@@ -1,0 +1,59 @@
+"""Session-wide tiny models, saved in their real layouts and loaded through siso's own code path."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests must never reach for the Hub
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import tiny_models  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+DREAMBENCH = SHARED / "data" / "dreambench" / "dataset"
+RESOLUTION = 32  # tiny models: 32 px images, 16 px latents
+
+
+@pytest.fixture(scope="session")
+def sd_dir(tmp_path_factory) -> Path:
+    return tiny_models.save(tiny_models.sd_pipeline(), tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory) -> Path:
+    return tiny_models.save(tiny_models.sdxl_pipeline(), tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session", params=["sd", "sdxl"])
+def model_dir(request, sd_dir, sdxl_dir) -> Path:
+    return {"sd": sd_dir, "sdxl": sdxl_dir}[request.param]
+
+
+@pytest.fixture(scope="session")
+def dino_dir(tmp_path_factory) -> Path:
+    return tiny_models.save(tiny_models.dino_model(), tmp_path_factory.mktemp("tiny-dino"))
+
+
+@pytest.fixture(scope="session")
+def ir_dir(tmp_path_factory) -> Path:
+    return tiny_models.ir_dir(tmp_path_factory.mktemp("tiny-ir"))
+
+
+@pytest.fixture(scope="session")
+def subject_photo() -> Path:
+    """A real DreamBooth photo (CC-BY 4.0, from ../shared; never copied into the repository)."""
+    path = DREAMBENCH / "dog" / "00.jpg"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: the tests need ../shared/data/dreambench beside the checkout")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
