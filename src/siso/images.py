@@ -72,11 +72,19 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         # 16-bit (and 32-bit integer) grayscale: scale the real range onto 8 bits.
         array = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        gray = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        key = image.info.get("transparency")
+        if isinstance(key, int):
+            # A 16-bit colour key must be matched before scaling merges neighbouring values into it.
+            alpha = Image.fromarray(np.where(array == key, 0, 255).astype(np.uint8), mode="L")
+            gray = Image.merge("LA", (gray, alpha))
+        image = gray
     elif image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "P":
+    if image.mode == "P" or (image.mode in ("L", "RGB") and "transparency" in image.info):
+        # Palettes, and the colour keys (PNG tRNS) that optimisers write instead of an alpha
+        # channel: convert applies them, so the rule below makes those areas white too.
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
         # Transparent areas become white, as in most viewers, instead of arbitrary hidden colours.

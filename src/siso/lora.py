@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
@@ -41,7 +41,9 @@ def attach_lora(backbone: Backbone, rank: int, train_text_encoder: bool, seed: i
         for name, modules in targets.items():
             model = getattr(backbone.pipeline, name)
             config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(modules))
-            model.add_adapter(config, adapter_name=ADAPTER_NAME)
+            # peft directly, not the libraries' add_adapter wrappers: transformers' one demands a
+            # newer peft than diffusers', and the LoRA layers are the same either way.
+            inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
             # Frozen weights may be bf16; the LoRA itself trains in fp32 (peft casts inputs to it).
             cast_training_params(model, torch.float32)
             params.extend(p for p in model.parameters() if p.requires_grad)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModel
+from transformers import AutoModel, PretrainedConfig
 
 from ..errors import SisoError
 from .base import Preprocessing, SimilarityModel
@@ -30,12 +30,20 @@ class DinoSimilarity(SimilarityModel):
     def from_pretrained(cls, source: str, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32) -> DinoSimilarity:
         try:
+            model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
+        except Exception as err:  # hub errors come in many types; the message is what matters
+            raise SisoError(
+                f"Could not find the DINO model {source!r} ({err.__class__.__name__}). Pass a Hub id such as "
+                "facebook/dinov2-large or a local directory with --dino-model; the first use of a Hub id needs "
+                "internet access to download it."
+            ) from err
+        if model_type != "dinov2":
+            raise SisoError(f"--dino-model {source} is a {model_type} model, not DINOv2; pass e.g. facebook/dinov2-large.")
+        try:
             model = AutoModel.from_pretrained(source, dtype=dtype)
         except Exception as err:  # hub errors come in many types; the message is what matters
             raise SisoError(
                 f"Could not load the DINO model {source!r} ({err.__class__.__name__}: {err}). Pass a Hub id "
                 "such as facebook/dinov2-large or a local directory with --dino-model."
             ) from err
-        if getattr(model.config, "model_type", None) != "dinov2":
-            raise SisoError(f"--dino-model {source} is a {model.config.model_type} model, not DINOv2.")
         return cls(model.to(device).eval().requires_grad_(False))

@@ -1,0 +1,140 @@
+"""The command line end to end on tiny models: generate, then render with the learned LoRA."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import RESOLUTION
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from siso import cli
+from siso.images import pil_to_tensor
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["siso", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def generate_args(model_dir, dino_dir, subject, out, *extra):
+    return ["generate", "--subject", str(subject), "--prompt", "a photo of a dog", "--out", str(out),
+            "--model", str(model_dir), "--dino-model", str(dino_dir), "--resolution", str(RESOLUTION),
+            "--device", "cpu", *extra]
+
+
+def test_generate_then_render(monkeypatch, capsys, tmp_path, sd_dir, dino_dir, subject_photo):
+    out = tmp_path / "run"
+    code, text = run_cli(monkeypatch, capsys, *generate_args(sd_dir, dino_dir, subject_photo, out,
+                                                              "--max-steps", "4", "--lr", "5e-3"))
+    assert code == 0, text
+    assert "DINO only" in text and "Best iteration" in text
+    record = json.loads((out / "run.json").read_text())
+    assert record["stop_reason"] == "max_steps" and len(record["losses"]) == 4
+    assert record["config"]["similarity"] == ["dino"]
+
+    # Second stage, with the same seed and one step: exactly the best image again.
+    image_path = tmp_path / "again.png"
+    code, text = run_cli(monkeypatch, capsys, "render", "--model", str(sd_dir), "--lora", str(out / "lora"),
+                         "--prompt", "a photo of a dog", "--out", str(image_path), "--steps", "1",
+                         "--resolution", str(RESOLUTION), "--device", "cpu")
+    assert code == 0, text
+    rendered = pil_to_tensor(Image.open(image_path))
+    best = pil_to_tensor(Image.open(out / "best.png"))
+    assert torch.equal(rendered, best)
+
+    # Any prompt and more steps: an image, and a different one from the untouched model's.
+    code, text = run_cli(monkeypatch, capsys, "render", "--model", str(sd_dir), "--lora", str(out / "lora"),
+                         "--prompt", "a dog on the beach", "--out", str(tmp_path / "beach.png"),
+                         "--resolution", str(RESOLUTION), "--device", "cpu")
+    assert code == 0, text
+    pipe = DiffusionPipeline.from_pretrained(sd_dir)
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe("a dog on the beach", num_inference_steps=4, guidance_scale=0.0, height=RESOLUTION,
+                 width=RESOLUTION, generator=torch.Generator("cpu").manual_seed(42), output_type="pt").images
+    beach = pil_to_tensor(Image.open(tmp_path / "beach.png"))
+    assert beach.shape == plain.shape and (beach - plain).abs().max() > 1 / 255
+
+
+def test_overwrite_keeps_foreign_files(monkeypatch, capsys, tmp_path, sd_dir, dino_dir, subject_photo):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, text = run_cli(monkeypatch, capsys, *generate_args(sd_dir, dino_dir, subject_photo, out,
+                                                              "--max-steps", "1", "--overwrite"))
+    assert code == 0, text
+    assert (out / "notes.txt").read_text() == "mine" and (out / "best.png").is_file()
+
+
+def test_nan_loss_stops_and_keeps_the_best(monkeypatch, capsys, tmp_path, sd_dir, dino_dir, subject_photo):
+    from siso.similarity import loss as loss_module
+
+    original = loss_module.SimilarityLoss.forward
+    calls = {"n": 0}
+
+    def forward_with_nan(self, images):
+        calls["n"] += 1
+        losses = original(self, images)
+        if calls["n"] == 3:
+            losses["total"] = losses["total"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(loss_module.SimilarityLoss, "forward", forward_with_nan)
+    out = tmp_path / "run"
+    code, text = run_cli(monkeypatch, capsys, *generate_args(sd_dir, dino_dir, subject_photo, out,
+                                                              "--max-steps", "10", "--lr", "5e-3"))
+    assert code == 0, text
+    record = json.loads((out / "run.json").read_text())
+    assert record["stop_reason"] == "nan" and len(record["losses"]) == 3
+    assert record["best_step"] in (0, 1) and (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_ctrl_c_stops_after_the_current_iteration(tmp_path, sd_dir, dino_dir, subject_photo):
+    out = tmp_path / "run"
+    args = generate_args(sd_dir, dino_dir, subject_photo, out, "--max-steps", "500", "--early-stop-patience", "500")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "siso.cli", *args], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "steps" / "0002.png").exists():
+            assert process.poll() is None, process.stdout.read()
+            assert time.time() < deadline, "the run never reached its third iteration"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    assert "Traceback" not in output
+    record = json.loads((out / "run.json").read_text())
+    assert record["stop_reason"] == "interrupted" and record["status"] == "finished"
+    steps = len(record["losses"])
+    assert 3 <= steps < 500
+    assert len(list((out / "steps").iterdir())) == steps
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file() and (out / "losses.png").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["kohya"])
+def test_lora_format_flag(monkeypatch, capsys, tmp_path, sd_dir, dino_dir, subject_photo, fmt):
+    out = tmp_path / "run"
+    code, text = run_cli(monkeypatch, capsys, *generate_args(sd_dir, dino_dir, subject_photo, out,
+                                                              "--max-steps", "1", "--lora-format", fmt))
+    assert code == 0, text
+    assert sorted(p.name for p in (out / "lora").iterdir()) == [
+        "pytorch_lora_weights.safetensors", "siso_lora_kohya.safetensors"
+    ]

@@ -1,0 +1,198 @@
+"""End to end on tiny models: the run directory, the LoRA round trip through plain diffusers,
+frozen weights, and a planted subject the loop must recover."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import RESOLUTION
+from diffusers import DiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from siso.config import GenerateConfig
+from siso.files import write_png
+from siso.generation import prepare_generation, run_generation
+from siso.images import pil_to_tensor, tensor_to_pil
+from siso.lora import KOHYA_WEIGHT_NAME, attach_lora
+
+PROMPT = "a photo of a dog"
+
+
+def tiny_config(model_dir, subject, dino_dir, **overrides) -> GenerateConfig:
+    options = dict(
+        subjects=(subject,), prompt=PROMPT, model=str(model_dir), dino_model=str(dino_dir), resolution=RESOLUTION,
+        device="cpu", max_steps=6, learning_rate=5e-3,
+    )
+    options.update(overrides)
+    return GenerateConfig(**options)
+
+
+def plain_render(model_dir, lora_dir=None, weight_name=None, steps=1) -> torch.Tensor:
+    pipe = DiffusionPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    if lora_dir is not None:
+        pipe.load_lora_weights(lora_dir, weight_name=weight_name)
+    with torch.no_grad():
+        return pipe(
+            PROMPT, num_inference_steps=steps, guidance_scale=0.0, height=RESOLUTION, width=RESOLUTION,
+            generator=torch.Generator("cpu").manual_seed(42), output_type="pt",
+        ).images
+
+
+class Captured:
+    """Keeps the session so tests can look at float tensors before PNG quantisation."""
+
+    def __init__(self):
+        self.session = None
+        self.events = []
+
+    def on_session(self, session):
+        self.session = session
+
+    def on_step(self, event):
+        self.events.append(event)
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def finished_run(request, sd_dir, sdxl_dir, dino_dir, ir_dir, subject_photo, tmp_path_factory):
+    model_dir = {"sd": sd_dir, "sdxl": sdxl_dir}[request.param]
+    config = tiny_config(model_dir, subject_photo, dino_dir, ir_model=str(ir_dir), lora_format=("diffusers", "kohya"))
+    captured = Captured()
+    out = tmp_path_factory.mktemp(f"run-{request.param}") / "run"
+    result = run_generation(config, out, on_step=captured.on_step, on_session=captured.on_session)
+    return model_dir, result, captured
+
+
+def test_run_directory_contract(finished_run):
+    _, result, captured = finished_run
+    out = result.run_dir
+    record = json.loads((out / "run.json").read_text())
+    steps = sorted(p.name for p in (out / "steps").iterdir())
+    assert steps == [f"{i:04d}.png" for i in range(len(record["losses"]))]
+    assert (out / "best.png").is_file() and (out / "losses.png").is_file()
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "lora" / KOHYA_WEIGHT_NAME).is_file()
+    totals = [entry["total"] for entry in record["losses"]]
+    assert record["best_step"] == min(range(len(totals)), key=totals.__getitem__)
+    assert record["stop_reason"] in ("max_steps", "early_stop")
+    assert [entry["step"] for entry in record["losses"]] == list(range(len(totals)))
+    for entry in record["losses"]:
+        assert {"step", "total", "dino", "ir"} <= set(entry)
+        assert entry["total"] == pytest.approx(entry["dino"] + entry["ir"], abs=1e-6)
+    config = record["config"]
+    assert config["seed"] == 42 and config["lora_rank"] == 4 and config["similarity"] == ["dino", "ir"]
+    assert config["learning_rate"] == 5e-3 and config["denoise_steps"] == 1 and config["grad_steps"] == 1
+    assert {"torch", "diffusers", "transformers", "peft"} <= set(record["versions"])
+    assert record["timings"]["seconds_per_step"] > 0
+    # best.png is the best iteration's image.
+    best_png = pil_to_tensor(Image.open(out / "best.png"))
+    assert torch.equal(best_png, pil_to_tensor(tensor_to_pil(captured.events[record["best_step"]].image)))
+    assert len(captured.events) == len(totals)
+
+
+def test_lora_round_trip_through_plain_diffusers(finished_run):
+    model_dir, result, captured = finished_run
+    best = captured.session.optimization.best_image
+    assert result.best_step > 0, "the LoRA must have moved for this test to mean something"
+    untouched = plain_render(model_dir)
+    assert (untouched - best).abs().max().item() > 1e-3
+    again = plain_render(model_dir, lora_dir=result.lora_dir)
+    assert (again - best).abs().max().item() <= 1e-5
+
+
+def test_kohya_file_loads_in_plain_diffusers(finished_run):
+    model_dir, result, captured = finished_run
+    state = load_file(result.lora_dir / KOHYA_WEIGHT_NAME)
+    assert all(key.startswith("lora_unet_") for key in state)
+    assert any(key.endswith(".alpha") for key in state)
+    again = plain_render(model_dir, lora_dir=result.lora_dir, weight_name=KOHYA_WEIGHT_NAME)
+    assert (again - captured.session.optimization.best_image).abs().max().item() <= 1e-5
+
+
+def test_gradients_reach_the_lora_only(sd_dir, dino_dir, subject_photo):
+    session = prepare_generation(tiny_config(sd_dir, subject_photo, dino_dir, max_steps=3))
+    lora_ids = {id(p) for p in session.optimization.params}
+    frozen = {
+        f"{name}.{key}": value.detach().clone()
+        for name, module in session.backbone.frozen_modules.items()
+        for key, value in module.state_dict().items()
+        if "lora_" not in key
+    }
+    frozen.update({f"loss.{k}": v.detach().clone() for k, v in session.loss.state_dict().items()})
+    trainable = [
+        p for module in [*session.backbone.frozen_modules.values(), session.loss] for p in module.parameters()
+        if p.requires_grad
+    ]
+    assert trainable and all(id(p) in lora_ids for p in trainable)
+    assert all(p.dtype == torch.float32 for p in trainable)
+    events = list(session)
+    assert len(events) == 3
+    assert all(p.grad is None or id(p) in lora_ids for p in session.loss.parameters())
+    after = {
+        f"{name}.{key}": value
+        for name, module in session.backbone.frozen_modules.items()
+        for key, value in module.state_dict().items()
+        if "lora_" not in key
+    }
+    after.update({f"loss.{k}": v for k, v in session.loss.state_dict().items()})
+    assert frozen.keys() == after.keys()
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+    # ... while the LoRA did move.
+    assert any(p.abs().sum() > 0 for p in session.optimization.params if p.shape[0] != 4)
+
+
+def test_text_encoder_lora_round_trip(sdxl_dir, dino_dir, subject_photo, tmp_path):
+    config = tiny_config(sdxl_dir, subject_photo, dino_dir, train_text_encoder=True, max_steps=4)
+    captured = Captured()
+    result = run_generation(config, tmp_path / "run", on_session=captured.on_session)
+    state = load_file(result.lora_dir / "pytorch_lora_weights.safetensors")
+    prefixes = {key.split(".")[0] for key in state}
+    assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
+    again = plain_render(sdxl_dir, lora_dir=result.lora_dir)
+    assert (again - captured.session.optimization.best_image).abs().max().item() <= 1e-5
+
+
+def test_planted_subject_is_recovered(sd_dir, dino_dir, ir_dir, subject_photo, tmp_path):
+    """The subject photo is the model's own image under a hidden random LoRA; the loop must find it."""
+    config = tiny_config(sd_dir, subject_photo, dino_dir, ir_model=str(ir_dir), max_steps=30,
+                         learning_rate=2e-2, early_stop_patience=30)
+    hidden = prepare_generation(config)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(123)
+        for p in hidden.optimization.params:
+            p.copy_(torch.randn(p.shape, generator=gen))
+        planted = hidden.optimization.render()
+        untouched = prepare_generation(config).optimization.render()
+    target = tmp_path / "planted.png"
+    write_png(tensor_to_pil(planted).resize((128, 128), Image.Resampling.NEAREST), target)
+
+    result = run_generation(
+        tiny_config(sd_dir, target, dino_dir, ir_model=str(ir_dir), max_steps=30, learning_rate=2e-2,
+                    early_stop_patience=30),
+        tmp_path / "run",
+    )
+    totals = [h["total"] for h in result.history]
+    start, best = totals[0], min(totals)
+    # Tiny random embedders see little difference between images, so the gap is small in absolute
+    # terms; what must hold is that most of it is closed.
+    assert start > 1e-3, "the planted subject must differ from the untouched model's image"
+    assert best < 0.2 * start, f"similarity gap closed only from {start:.5f} to {best:.5f}"
+    # And the image itself moved towards the planted one, not merely the embeddings.
+    best_image = pil_to_tensor(result.image)
+    assert ((best_image - planted) ** 2).mean() < 0.8 * ((untouched - planted) ** 2).mean()
+
+
+def test_several_subject_photos_average_the_distance(sd_dir, dino_dir, tmp_path):
+    from conftest import DREAMBENCH
+
+    photos = (DREAMBENCH / "dog" / "00.jpg", DREAMBENCH / "dog" / "01.jpg")
+    session = prepare_generation(tiny_config(sd_dir, photos[0], dino_dir, subjects=photos))
+    singles = [prepare_generation(tiny_config(sd_dir, p, dino_dir)) for p in photos]
+    with torch.no_grad():
+        image = session.optimization.render()
+        both = session.loss(image)["dino"]
+        each = [s.loss(image)["dino"] for s in singles]
+    assert both.item() == pytest.approx((each[0].item() + each[1].item()) / 2, abs=1e-6)

@@ -1,0 +1,111 @@
+"""The loop's semantics on a synthetic problem: early stopping, best tracking, NaN, stopping."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from siso.optimize import EarlyStopping, LoopSettings, Optimization
+
+
+def test_early_stopping_counts_iterations_without_a_significant_improvement():
+    stopper = EarlyStopping(pct=3.0, patience=3)
+    assert not stopper.update(1.00)  # first value sets the reference
+    assert not stopper.update(0.99)  # -1 %: not significant (stale 1)
+    assert not stopper.update(0.98)  # -2 % vs 1.00 (stale 2)
+    assert not stopper.update(0.969)  # -3.1 %: significant, reference 0.969, stale 0
+    assert stopper.reference == 0.969 and stopper.stale == 0
+    assert not stopper.update(0.95)  # -1.96 % vs 0.969 (stale 1)
+    assert not stopper.update(1.20)  # worse (stale 2)
+    assert stopper.update(0.94)  # -2.99 %: still not 3 % -> stale 3 = patience -> stop
+
+
+def test_zero_percent_threshold_accepts_any_improvement():
+    stopper = EarlyStopping(pct=0.0, patience=1)
+    assert not stopper.update(1.0)
+    assert not stopper.update(0.999)
+    assert stopper.update(0.999)
+
+
+def scripted_problem(losses: list[float], settings: LoopSettings):
+    """A one-parameter problem whose loss at iteration i is ``losses[i]`` (and differentiable)."""
+    weight = torch.nn.Parameter(torch.zeros(1))
+    calls = {"render": 0}
+
+    def render():
+        calls["render"] += 1
+        return torch.full((1, 3, 4, 4), 0.5) + weight.view(1, 1, 1, 1) * 0
+
+    def loss_fn(image):
+        value = losses[calls["render"] - 1]
+        total = (image.mean() - 0.5) + weight.sum() * 0 + value
+        return {"dino": total, "total": total}
+
+    def snapshot():
+        return {"step": calls["render"] - 1}
+
+    return Optimization(render=render, loss_fn=loss_fn, params=[weight], snapshot=snapshot, settings=settings), calls
+
+
+def test_loop_stops_early_and_keeps_the_lowest_loss():
+    losses = [1.0, 0.8, 0.79, 0.795, 0.81, 0.9, 0.7]
+    opt, _ = scripted_problem(losses, LoopSettings(max_steps=50, early_stop_pct=3, early_stop_patience=3))
+    events = list(opt)
+    assert [e.step for e in events] == [0, 1, 2, 3, 4]
+    assert opt.stop_reason == "early_stop"
+    assert opt.best_step == 2 and opt.best_lora == {"step": 2}
+    assert [e.is_best for e in events] == [True, True, True, False, False]
+    assert [e.best_step for e in events] == [0, 1, 2, 2, 2]
+    assert [h["total"] for h in opt.history] == pytest.approx(losses[:5])
+
+
+def test_loop_runs_to_max_steps():
+    opt, calls = scripted_problem([1.0 - 0.1 * i for i in range(10)], LoopSettings(max_steps=4))
+    assert len(list(opt)) == 4 and calls["render"] == 4
+    assert opt.stop_reason == "max_steps" and opt.best_step == 3
+
+
+def test_nan_stops_and_keeps_the_best_finite_iteration():
+    opt, _ = scripted_problem([1.0, 0.5, math.nan, 0.1], LoopSettings(max_steps=10))
+    events = list(opt)
+    assert len(events) == 3 and opt.stop_reason == "nan"
+    assert opt.best_step == 1 and not events[2].is_best
+
+
+def test_request_stop_finishes_the_current_iteration():
+    opt, calls = scripted_problem([1.0 - 0.01 * i for i in range(20)], LoopSettings(max_steps=20))
+    seen = []
+    for event in opt:
+        seen.append(event.step)
+        if event.step == 2:
+            opt.request_stop()
+    assert seen == [0, 1, 2] and calls["render"] == 3
+    assert opt.stop_reason == "interrupted" and opt.best_step == 2
+
+
+def test_iterating_again_continues_the_run():
+    opt, _ = scripted_problem([1.0 - 0.01 * i for i in range(20)], LoopSettings(max_steps=20))
+    for event in opt:
+        if event.step == 1:
+            opt.request_stop()
+    optimizer = opt._optimizer
+    steps = [event.step for event in opt]
+    assert steps == list(range(2, 20)) and opt._optimizer is optimizer
+    assert opt.stop_reason == "max_steps" and len(opt.history) == 20
+
+
+def test_the_lora_is_updated_with_adamw_and_clipping():
+    """One real update on a quadratic: AdamW's first step moves each weight by about lr."""
+    weight = torch.nn.Parameter(torch.tensor([3.0, -2.0]))
+    settings = LoopSettings(max_steps=2, learning_rate=0.1, adam_weight_decay=0.0)
+    opt = Optimization(
+        render=lambda: weight.view(1, 2, 1, 1).expand(1, 2, 2, 2).sum(1, keepdim=True).expand(1, 3, 2, 2),
+        loss_fn=lambda image: {"total": (weight**2).sum() + image.sum() * 0},
+        params=[weight], snapshot=lambda: weight.detach().clone(),
+    )
+    opt.settings = settings
+    list(opt)
+    # Adam's first step is lr * sign(grad) (bias-corrected m/sqrt(v) = +-1).
+    assert weight.detach().tolist() == pytest.approx([2.9, -1.9], abs=1e-5)
