@@ -15,8 +15,11 @@ import torch  # noqa: E402
 
 import tiny_models  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-DREAMBENCH = SHARED / "data" / "dreambench" / "dataset"
+# DreamBooth photos (CC-BY 4.0) are never committed: they come from the project's shared folder beside
+# the checkout, or from SISO_DREAMBENCH (the dataset/ folder of a google/dreambooth checkout).
+DREAMBENCH = Path(
+    os.environ.get("SISO_DREAMBENCH", Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench" / "dataset")
+)
 RESOLUTION = 32  # tiny models: 32 px images, 16 px latents
 
 
@@ -50,7 +53,7 @@ def subject_photo() -> Path:
     """A real DreamBooth photo (CC-BY 4.0, from ../shared; never copied into the repository)."""
     path = DREAMBENCH / "dog" / "00.jpg"
     if not path.exists():
-        pytest.fail(f"{path} is missing: the tests need ../shared/data/dreambench beside the checkout")
+        pytest.fail(f"{path} is missing: set SISO_DREAMBENCH to the dataset/ folder of a google/dreambooth checkout")
     return path
 
 
