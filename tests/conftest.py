@@ -11,15 +11,13 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
-
 import tiny_models  # noqa: E402
+import torch  # noqa: E402
 
 # DreamBooth photos (CC-BY 4.0) are never committed: they come from the project's shared folder beside
 # the checkout, or from SISO_DREAMBENCH (the dataset/ folder of a google/dreambooth checkout).
-DREAMBENCH = Path(
-    os.environ.get("SISO_DREAMBENCH", Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench" / "dataset")
-)
+_SHARED_DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench" / "dataset"
+DREAMBENCH = Path(os.environ.get("SISO_DREAMBENCH", _SHARED_DREAMBENCH))
 RESOLUTION = 32  # tiny models: 32 px images, 16 px latents
 
 

@@ -16,7 +16,7 @@ from siso.config import GenerateConfig
 from siso.files import write_png
 from siso.generation import prepare_generation, run_generation
 from siso.images import pil_to_tensor, tensor_to_pil
-from siso.lora import KOHYA_WEIGHT_NAME, attach_lora
+from siso.lora import KOHYA_WEIGHT_NAME
 
 PROMPT = "a photo of a dog"
 

@@ -29,7 +29,18 @@ _EXPORTS = {
     "render": "rendering",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "GenerateConfig",
+    "GenerateResult",
+    "GenerationSession",
+    "RenderConfig",
+    "SisoError",
+    "StepEvent",
+    "generate",
+    "optimize",
+    "render",
+    "run_generation",
+]
 
 if TYPE_CHECKING:
     from .config import GenerateConfig, RenderConfig

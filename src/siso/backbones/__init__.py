@@ -53,7 +53,7 @@ def load_backbone(model: str, device: torch.device, dtype: torch.dtype) -> Backb
     cls = backbone_class_for(model)
     try:
         pipeline = DiffusionPipeline.from_pretrained(model, dtype=dtype)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise SisoError(f"Could not load the pipeline {model!r}: {err}") from err
     vae = getattr(pipeline, "vae", None)
     if dtype == torch.float16 and vae is not None and getattr(vae.config, "force_upcast", False):

@@ -38,7 +38,9 @@ class DinoSimilarity(SimilarityModel):
                 "internet access to download it."
             ) from err
         if model_type != "dinov2":
-            raise SisoError(f"--dino-model {source} is a {model_type} model, not DINOv2; pass e.g. facebook/dinov2-large.")
+            raise SisoError(
+                f"--dino-model {source} is a {model_type} model, not DINOv2; pass e.g. facebook/dinov2-large."
+            )
         try:
             model = AutoModel.from_pretrained(source, dtype=dtype)
         except Exception as err:  # hub errors come in many types; the message is what matters
