@@ -17,7 +17,7 @@ DEFAULT_DINO_MODEL = "facebook/dinov2-large"
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 SIMILARITY_NAMES = ("dino", "ir")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # the --device choices
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 LORA_FORMATS = ("diffusers", "kohya")
 
