@@ -18,6 +18,7 @@ from typing import Annotated  # noqa: E402
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.progress import (  # noqa: E402
     BarColumn,
     MofNCompleteColumn,
@@ -151,7 +152,7 @@ def generate(
 
         result = run_generation(
             config, out, overwrite=overwrite, on_step=on_step,
-            status=lambda message: progress.update(task, description=message), on_session=on_session,
+            status=lambda message: progress.update(task, description=escape(message)), on_session=on_session,
         )
     reasons = {
         "early_stop": "stopped early (no further improvement)",
@@ -161,10 +162,10 @@ def generate(
     }
     console.print(f"[green]Done[/]: {reasons.get(result.stop_reason, result.stop_reason)}. "
                   f"Best iteration {result.best_step} of {len(result.history)}.")
-    console.print(f"  best image: {result.run_dir / 'best.png'}")
+    console.print(f"  best image: {escape(str(result.run_dir / 'best.png'))}")
     if result.lora_dir is not None:
-        console.print(f"  LoRA:       {result.lora_dir}  (diffusers: pipe.load_lora_weights(...))")
-    console.print(f"  record:     {result.run_dir / 'run.json'}")
+        console.print(f"  LoRA:       {escape(str(result.lora_dir))}  (diffusers: pipe.load_lora_weights(...))")
+    console.print(f"  record:     {escape(str(result.run_dir / 'run.json'))}")
 
 
 @app.command()
@@ -183,10 +184,10 @@ def render(
     from .rendering import render as render_image
 
     _quiet_libraries()
-    with console.status(f"Rendering with {model}"):
+    with console.status(f"Rendering with {escape(model)}"):
         render_image(model, prompt, lora=lora, out=out, steps=steps, seed=seed, resolution=resolution,
                      device=device, dtype=dtype)
-    console.print(f"[green]Wrote[/] {out}")
+    console.print(f"[green]Wrote[/] {escape(str(out))}")
 
 
 @app.command("convert-ir")
@@ -197,9 +198,9 @@ def convert_ir(
     """Convert the IR (image retrieval) checkpoint once into a safetensors model directory."""
     from .convert_ir import convert_ir_checkpoint
 
-    with console.status(f"Converting {checkpoint}"):
+    with console.status(f"Converting {escape(str(checkpoint))}"):
         written = convert_ir_checkpoint(checkpoint, out)
-    console.print(f"[green]Wrote[/] {written}; use it with --ir-model {written}")
+    console.print(f"[green]Wrote[/] {escape(str(written))}; use it with --ir-model {escape(str(written))}")
 
 
 def main() -> None:
@@ -207,7 +208,8 @@ def main() -> None:
     try:
         app()
     except SisoError as err:
-        console.print(f"[red]Error:[/] {err}", highlight=False)
+        # The message quotes user paths, which may contain [brackets]: never read it as markup.
+        console.print(f"[red]Error:[/] {escape(str(err))}", highlight=False)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         console.print("[yellow]Interrupted.[/]")

@@ -176,8 +176,10 @@ def run_generation(config: GenerateConfig, out: str | Path, overwrite: bool = Fa
         optimization.stop_reason = "interrupted"
     except torch.OutOfMemoryError as err:
         optimization.stop_reason = "out_of_memory"
-        failure = SisoError(out_of_memory_advice(session.config) + f" The best of {len(optimization.history)} "
-                            f"iterations so far was saved in {out_dir}.")
+        done = len(optimization.history)
+        saved = (f" The best of {done} iterations so far was saved in {out_dir}." if optimization.best_lora is not None
+                 else f" No iteration finished, so nothing but the record {out_dir / 'run.json'} was written.")
+        failure = SisoError(out_of_memory_advice(session.config) + saved)
         failure.__cause__ = err
     if optimization.stop_reason is None:  # the consumer stopped iterating early
         optimization.stop_reason = "interrupted"
