@@ -248,7 +248,7 @@ def test_out_of_memory_while_loading(generate, out, monkeypatch):
     def load_similarity(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory.")
 
-    monkeypatch.setattr("siso.generation.load_similarity", load_similarity)
+    monkeypatch.setattr("siso.models.load_similarity", load_similarity)
     refused(generate, out, "ran out of memory", "--resolution")
 
 

@@ -196,3 +196,21 @@ def test_several_subject_photos_average_the_distance(sd_dir, dino_dir, tmp_path)
         both = session.loss(image)["dino"]
         each = [s.loss(image)["dino"] for s in singles]
     assert both.item() == pytest.approx((each[0].item() + each[1].item()) / 2, abs=1e-6)
+
+
+def test_a_cached_backbone_starts_each_run_from_the_untouched_model(sd_dir, dino_dir, subject_photo, tmp_path):
+    """The web app and benchmark workers reuse loaded models; a second run must not inherit the first's LoRA."""
+    from siso.models import ModelCache
+
+    cache = ModelCache()
+    first = run_generation(tiny_config(sd_dir, subject_photo, dino_dir, max_steps=3, train_text_encoder=True),
+                           tmp_path / "first", cache=cache)
+    assert first.best_step > 0
+    captured = Captured()
+    second = run_generation(tiny_config(sd_dir, subject_photo, dino_dir, max_steps=2, lora_rank=2),
+                            tmp_path / "second", cache=cache, on_step=captured.on_step)
+    # Step 0 of the second run is the untouched model's image again, with only the new LoRA attached.
+    assert (captured.events[0].image - plain_render(sd_dir)).abs().max().item() <= 1e-5
+    state = load_file(second.lora_dir / "pytorch_lora_weights.safetensors")
+    assert {key.split(".")[0] for key in state} == {"unet"}
+    assert all(v.shape[0] == 2 or v.shape[1] == 2 for v in state.values())

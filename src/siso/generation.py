@@ -16,15 +16,16 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .backbones import Backbone, load_backbone, render
+from .backbones import Backbone, render
 from .config import GenerateConfig
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import SisoError
 from .images import load_image, pil_to_tensor, tensor_to_pil, working_copy
 from .lora import LoraState, attach_lora, save_lora, snapshot_lora
+from .models import ModelCache
 from .optimize import LoopSettings, Optimization, StepEvent
 from .runs import RunWriter, check_run_dir, library_versions, prepare_run_dir
-from .similarity import SimilarityLoss, load_similarity
+from .similarity import SimilarityLoss
 
 Status = Callable[[str], None]
 
@@ -68,22 +69,27 @@ class GenerationSession:
         }
 
 
-def prepare_generation(config: GenerateConfig, status: Status = _quiet) -> GenerationSession:
-    """Load everything a run needs; fails fast (before any model loads) on bad inputs."""
+def prepare_generation(config: GenerateConfig, status: Status = _quiet,
+                       cache: ModelCache | None = None) -> GenerationSession:
+    """Load everything a run needs; fails fast (before any model loads) on bad inputs.
+
+    With a ``cache``, models loaded by earlier runs are reused (their old LoRA is removed).
+    """
     started = time.perf_counter()
+    cache = cache or ModelCache()
     subjects = [working_copy(load_image(path, "subject photo")) for path in config.subjects]
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     with _out_of_memory_as_error(config):
         status(f"Loading {config.model}")
-        backbone = load_backbone(config.model, device, dtype)
+        backbone = cache.backbone(config.model, device, dtype)
         config = config.resolved(backbone.preset)
         backbone.check_resolution(config.resolution)
         models = {}
         for name in config.similarity_names:
             source = config.dino_model if name == "dino" else config.ir_model
             status(f"Loading the {name} similarity model {source}")
-            models[name] = load_similarity(name, source, device, dtype)
+            models[name] = cache.similarity(name, source, device, dtype)
         weights = {"dino": config.dino_weight, "ir": config.ir_weight}
         loss = SimilarityLoss(models, {n: weights[n] for n in models}, [pil_to_tensor(s) for s in subjects])
         params = attach_lora(backbone, config.lora_rank, config.train_text_encoder, config.seed)
@@ -153,14 +159,15 @@ class GenerateResult:
 
 def run_generation(config: GenerateConfig, out: str | Path, overwrite: bool = False,
                    on_step: Callable[[StepEvent], None] | None = None, status: Status = _quiet,
-                   on_session: Callable[[GenerationSession], None] | None = None) -> GenerateResult:
+                   on_session: Callable[[GenerationSession], None] | None = None,
+                   cache: ModelCache | None = None) -> GenerateResult:
     """Prepare, optimise and write the run directory; Ctrl-C and NaN keep the best so far.
 
     ``on_session`` receives the prepared session before the loop starts (the CLI uses it to wire
     Ctrl-C to ``request_stop``).
     """
     check_run_dir(out, overwrite)
-    session = prepare_generation(config, status)
+    session = prepare_generation(config, status, cache)
     out_dir = prepare_run_dir(out, overwrite)
     if on_session is not None:
         on_session(session)

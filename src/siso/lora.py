@@ -12,6 +12,7 @@ import torch
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
@@ -32,6 +33,7 @@ def attach_lora(backbone: Backbone, rank: int, train_text_encoder: bool, seed: i
     Gaussian init: A random, B zero, so the first render equals the untouched model's. The init is
     drawn from ``seed`` without disturbing the global RNG, so a run is repeatable.
     """
+    detach_lora(backbone)  # a reused (cached) backbone may carry the previous run's adapter
     targets = {backbone.denoiser_name: LORA_TARGETS}
     if train_text_encoder:
         targets.update({name: TEXT_ENCODER_LORA_TARGETS for name in backbone.text_encoder_names})
@@ -48,6 +50,21 @@ def attach_lora(backbone: Backbone, rank: int, train_text_encoder: bool, seed: i
             cast_training_params(model, torch.float32)
             params.extend(p for p in model.parameters() if p.requires_grad)
     return params
+
+
+def detach_lora(backbone: Backbone) -> None:
+    """Remove our adapter everywhere; the model then computes exactly what it did before."""
+    for name in [backbone.denoiser_name, *backbone.text_encoder_names]:
+        model = getattr(backbone.pipeline, name, None)
+        configs = getattr(model, "peft_config", None)
+        if not configs or ADAPTER_NAME not in configs:
+            continue
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in module.lora_A:
+                module.delete_adapter(ADAPTER_NAME)
+        del configs[ADAPTER_NAME]
+        if not configs:
+            del model.peft_config
 
 
 def lora_components(backbone: Backbone) -> list[str]:
