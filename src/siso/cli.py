@@ -203,6 +203,11 @@ def convert_ir(
     console.print(f"[green]Wrote[/] {escape(str(written))}; use it with --ir-model {escape(str(written))}")
 
 
+# -- commands defined in their own modules (one module per command) ------------------------------
+# (each line: from .<module> import <function>; app.command("<name>")(<function>))
+# -- end of command registrations -------------------------------------------------------------------
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2, never a traceback."""
     try:
