@@ -157,6 +157,66 @@ class GenerateResult:
     record: dict[str, Any] = field(default_factory=dict)
 
 
+class GenerationRun:
+    """A prepared session that keeps its run directory up to date: iterate :meth:`steps`, then
+    :meth:`finish`. Iterating ``steps()`` again continues the run (the web app's Continue)."""
+
+    def __init__(self, session: GenerationSession, out_dir: Path) -> None:
+        self.session = session
+        self.out_dir = out_dir
+        self.writer = RunWriter(out_dir, session.record())
+        self.failure: SisoError | None = None
+
+    def steps(self, on_step: Callable[[StepEvent], None] | None = None) -> Iterator[StepEvent]:
+        optimization = self.session.optimization
+        try:
+            for event in self.session:
+                self.writer.on_step(event)
+                if on_step is not None:
+                    on_step(event)
+                yield event
+        except KeyboardInterrupt:
+            optimization.stop_reason = "interrupted"
+        except torch.OutOfMemoryError as err:
+            optimization.stop_reason = "out_of_memory"
+            done = len(optimization.history)
+            saved = (
+                f" The best of {done} iterations so far was saved in {self.out_dir}."
+                if optimization.best_lora is not None
+                else f" No iteration finished, so nothing but the record {self.out_dir / 'run.json'} was written."
+            )
+            self.failure = SisoError(out_of_memory_advice(self.session.config) + saved)
+            self.failure.__cause__ = err
+
+    def finish(self) -> GenerateResult:
+        """Write the LoRA, plot and final run.json; raise the run's error, if it had one."""
+        optimization = self.session.optimization
+        if optimization.stop_reason is None:  # the consumer stopped iterating early
+            optimization.stop_reason = "interrupted"
+        record = self.writer.finish(
+            optimization, self.session.save_lora, {"setup_seconds": round(self.session.setup_seconds, 3)}
+        )
+        if self.failure is not None:
+            raise self.failure
+        return GenerateResult(
+            image=tensor_to_pil(optimization.best_image) if optimization.best_image is not None else None,
+            lora_dir=self.out_dir / "lora" if optimization.best_lora is not None else None,
+            history=list(optimization.history),
+            best_step=optimization.best_step,
+            stop_reason=optimization.stop_reason,
+            run_dir=self.out_dir,
+            record=record,
+        )
+
+
+def start_generation(config: GenerateConfig, out: str | Path, overwrite: bool = False, status: Status = _quiet,
+                     cache: ModelCache | None = None) -> GenerationRun:
+    """Check ``out``, load the models, then create the run directory (a failed start leaves none)."""
+    check_run_dir(out, overwrite)
+    session = prepare_generation(config, status, cache)
+    return GenerationRun(session, prepare_run_dir(out, overwrite))
+
+
 def run_generation(config: GenerateConfig, out: str | Path, overwrite: bool = False,
                    on_step: Callable[[StepEvent], None] | None = None, status: Status = _quiet,
                    on_session: Callable[[GenerationSession], None] | None = None,
@@ -166,42 +226,12 @@ def run_generation(config: GenerateConfig, out: str | Path, overwrite: bool = Fa
     ``on_session`` receives the prepared session before the loop starts (the CLI uses it to wire
     Ctrl-C to ``request_stop``).
     """
-    check_run_dir(out, overwrite)
-    session = prepare_generation(config, status, cache)
-    out_dir = prepare_run_dir(out, overwrite)
+    run = start_generation(config, out, overwrite, status, cache)
     if on_session is not None:
-        on_session(session)
-    writer = RunWriter(out_dir, session.record())
-    optimization = session.optimization
-    failure: BaseException | None = None
-    try:
-        for event in session:
-            writer.on_step(event)
-            if on_step is not None:
-                on_step(event)
-    except KeyboardInterrupt:
-        optimization.stop_reason = "interrupted"
-    except torch.OutOfMemoryError as err:
-        optimization.stop_reason = "out_of_memory"
-        done = len(optimization.history)
-        saved = (f" The best of {done} iterations so far was saved in {out_dir}." if optimization.best_lora is not None
-                 else f" No iteration finished, so nothing but the record {out_dir / 'run.json'} was written.")
-        failure = SisoError(out_of_memory_advice(session.config) + saved)
-        failure.__cause__ = err
-    if optimization.stop_reason is None:  # the consumer stopped iterating early
-        optimization.stop_reason = "interrupted"
-    record = writer.finish(optimization, session.save_lora, {"setup_seconds": round(session.setup_seconds, 3)})
-    if failure is not None:
-        raise failure
-    return GenerateResult(
-        image=tensor_to_pil(optimization.best_image) if optimization.best_image is not None else None,
-        lora_dir=out_dir / "lora" if optimization.best_lora is not None else None,
-        history=list(optimization.history),
-        best_step=optimization.best_step,
-        stop_reason=optimization.stop_reason,
-        run_dir=out_dir,
-        record=record,
-    )
+        on_session(run.session)
+    for _ in run.steps(on_step):
+        pass
+    return run.finish()
 
 
 def _config(subject: str | Path | list[str | Path], prompt: str, options: dict[str, Any]) -> GenerateConfig:
