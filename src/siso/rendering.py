@@ -6,18 +6,24 @@ gets from ``pipe.load_lora_weights(run_dir / "lora")``.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from .backbones import Backbone, load_backbone
+from .backbones import Backbone
 from .config import RenderConfig
 from .devices import resolve_device, resolve_dtype
 from .errors import SisoError
 from .files import write_png
 from .images import tensor_to_pil
-from .lora import DIFFUSERS_WEIGHT_NAME
+from .lora import DIFFUSERS_WEIGHT_NAME, detach_lora
+from .models import ModelCache
+
+_adapter_ids = itertools.count()
 
 
 def check_lora_dir(lora: Path) -> None:
@@ -30,25 +36,40 @@ def check_lora_dir(lora: Path) -> None:
         )
 
 
-def load_render_backbone(config: RenderConfig) -> Backbone:
+def load_lora_file(backbone: Backbone, lora: Path, adapter_name: str | None = None) -> None:
+    """Load a LoRA directory (or one .safetensors file) the plain diffusers way."""
+    location, weight_name = (lora, None) if lora.is_dir() else (lora.parent, lora.name)
+    try:
+        backbone.pipeline.load_lora_weights(str(location), weight_name=weight_name, adapter_name=adapter_name)
+    except (ValueError, KeyError, OSError, RuntimeError) as err:
+        raise SisoError(
+            f"The LoRA in {lora} does not fit {backbone.model_id} ({err.__class__.__name__}: {err}). "
+            "Use the model the LoRA was learned on (see the run's run.json)."
+        ) from err
+
+
+def load_render_backbone(config: RenderConfig, cache: ModelCache | None = None) -> Backbone:
     if config.lora is not None:
         check_lora_dir(Path(config.lora))
     device = resolve_device(config.device)
-    backbone = load_backbone(config.model, device, resolve_dtype(config.dtype, device))
+    backbone = (cache or ModelCache()).backbone(config.model, device, resolve_dtype(config.dtype, device))
     backbone.check_resolution(config.resolution)
-    if config.lora is not None:
-        lora = Path(config.lora)
-        try:
-            if lora.is_dir():
-                backbone.pipeline.load_lora_weights(str(lora))
-            else:
-                backbone.pipeline.load_lora_weights(str(lora.parent), weight_name=lora.name)
-        except (ValueError, KeyError, OSError, RuntimeError) as err:
-            raise SisoError(
-                f"The LoRA in {lora} does not fit {config.model} ({err.__class__.__name__}: {err}). "
-                "Use the model the LoRA was learned on (see the run's run.json)."
-            ) from err
     return backbone
+
+
+@contextlib.contextmanager
+def lora_loaded(backbone: Backbone, lora: Path | None) -> Iterator[None]:
+    """Render with ``lora`` attached, then leave the (possibly cached) backbone as it was."""
+    detach_lora(backbone)  # an optimisation's own adapter, on a backbone shared with the web app
+    if lora is None:
+        yield
+        return
+    adapter_name = f"render_{next(_adapter_ids)}"
+    load_lora_file(backbone, Path(lora), adapter_name)
+    try:
+        yield
+    finally:
+        backbone.pipeline.delete_adapters(adapter_name)
 
 
 def render_with(backbone: Backbone, config: RenderConfig) -> Image.Image:
@@ -70,7 +91,9 @@ def render(model: str, prompt: str, lora: str | Path | None = None, out: str | P
                           resolution=resolution, device=device, dtype=dtype)
     if out is not None and Path(out).suffix.lower() != ".png":
         raise SisoError(f"--out {out} must be a .png file path.")
-    image = render_with(load_render_backbone(config), config)
+    backbone = load_render_backbone(config)
+    with lora_loaded(backbone, config.lora):
+        image = render_with(backbone, config)
     if out is not None:
         write_png(image, out)
     return image
