@@ -109,3 +109,12 @@ def test_the_lora_is_updated_with_adamw_and_clipping():
     list(opt)
     # Adam's first step is lr * sign(grad) (bias-corrected m/sqrt(v) = +-1).
     assert weight.detach().tolist() == pytest.approx([2.9, -1.9], abs=1e-5)
+
+
+def test_extend_continues_an_early_stopped_run_with_fresh_patience():
+    losses = [1.0, 1.0, 1.0, 0.5, 0.45, 0.4, 0.4]
+    opt, _ = scripted_problem(losses, LoopSettings(max_steps=50, early_stop_pct=3, early_stop_patience=2))
+    assert [e.step for e in opt] == [0, 1, 2] and opt.stop_reason == "early_stop"
+    opt.extend(3)
+    assert [e.step for e in opt] == [3, 4, 5] and opt.stop_reason == "max_steps"
+    assert opt.best_step == 5

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -90,6 +90,12 @@ class Optimization:
     _stop_requested: bool = False
     _optimizer: torch.optim.Optimizer | None = None
     _stopper: EarlyStopping | None = None
+
+    def extend(self, extra_steps: int) -> None:
+        """Allow ``extra_steps`` more iterations with fresh early-stopping patience (Continue)."""
+        self.settings = replace(self.settings, max_steps=len(self.history) + extra_steps)
+        if self._stopper is not None:
+            self._stopper.stale = 0
 
     def request_stop(self) -> None:
         """Stop after the current iteration (Ctrl-C, a Stop button); the best so far is kept."""
