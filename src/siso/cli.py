@@ -203,6 +203,33 @@ def convert_ir(
     console.print(f"[green]Wrote[/] {escape(str(written))}; use it with --ir-model {escape(str(written))}")
 
 
+@app.command("app")
+def web_app(
+    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes the app to your network.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
+    model: Annotated[str, typer.Option(help="Default backbone shown in the page.")] = DEFAULT_GENERATION_MODEL,
+    dino_model: Annotated[str, typer.Option(help="DINOv2 Hub id or directory.")] = DEFAULT_DINO_MODEL,
+    ir_model: Annotated[str | None, typer.Option(help="IR model directory (adds the IR loss).")] = None,
+    resolution: Resolution = 512,
+    max_steps: Annotated[int, typer.Option(help="Default most iterations.")] = 50,
+    device: Device = "auto",
+    runs_dir: Annotated[Path, typer.Option(help="Where every run's directory is written.")] = Path("siso-runs"),
+    max_upload_mb: Annotated[int, typer.Option(help="Largest accepted upload, in MB.")] = 25,
+) -> None:
+    """Serve the web app: upload a photo, watch each iteration, stop when it looks right."""
+    _quiet_libraries()
+    from .app import AppSettings, launch
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]Serving on {escape(host)}: anyone who can reach this machine can use your GPU.[/]")
+    settings = AppSettings(model=model, dino_model=dino_model, ir_model=ir_model, resolution=resolution,
+                           max_steps=max_steps, device=device, runs_dir=runs_dir, max_upload_mb=max_upload_mb)
+    console.print(f"Serving on http://{escape(host)}:{port}  (runs are written to {escape(str(runs_dir))})")
+    launch(settings, host=host, port=port)
+
+
 # -- commands defined in their own modules (one module per command) ------------------------------
 # (each line: from .<module> import <function>; app.command("<name>")(<function>))
 # -- end of command registrations -------------------------------------------------------------------

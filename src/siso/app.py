@@ -1,0 +1,267 @@
+"""The web app: watch each iteration, stop when it looks right, take the LoRA home.
+
+A Gradio front end over the same library calls as the CLI (``start_generation`` / ``GenerationRun``):
+no second implementation of the loop. Every run also lands in an ordinary run directory under
+``runs_dir``, so nothing is lost when the tab closes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from .config import DEFAULT_DINO_MODEL, DEFAULT_GENERATION_MODEL, GenerateConfig, RenderConfig
+from .errors import SisoError
+from .files import write_png
+from .generation import GenerationRun, start_generation
+from .images import tensor_to_pil
+from .lora import DIFFUSERS_WEIGHT_NAME
+from .models import ModelCache
+from .optimize import StepEvent
+from .rendering import load_render_backbone, lora_loaded, render_with
+
+GPU_QUEUE = "gpu"  # every event that runs a model shares this queue: one job per GPU at a time
+CONTINUE_STEPS = 10
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """What ``siso app`` was started with; the defaults shown in the page."""
+
+    model: str = DEFAULT_GENERATION_MODEL
+    dino_model: str = DEFAULT_DINO_MODEL
+    ir_model: str | None = None
+    resolution: int = 512
+    max_steps: int = 50
+    device: str = "auto"
+    runs_dir: Path = Path("siso-runs")
+    max_upload_mb: int = 25
+
+
+@dataclass
+class BrowserSession:
+    """What one browser tab is doing: its current run, and what it may download."""
+
+    run: GenerationRun | None = None
+    events: list[StepEvent] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SisoApp:
+    """The app's state: one model cache (one GPU), and the runs of each browser tab."""
+
+    def __init__(self, settings: AppSettings, cache: ModelCache | None = None) -> None:
+        self.settings = settings
+        self.cache = cache or ModelCache()
+        self.sessions: dict[str, BrowserSession] = {}
+
+    def session(self, request: gr.Request) -> BrowserSession:
+        key = request.session_hash or "anonymous"
+        return self.sessions.setdefault(key, BrowserSession())
+
+    def new_run_dir(self, kind: str) -> Path:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return self.settings.runs_dir / f"{stamp}-{kind}-{uuid.uuid4().hex[:6]}"
+
+    # -- generate ---------------------------------------------------------------------------
+    def start(self, photos, prompt: str, model: str, seed: float, resolution: float, max_steps: float,
+              learning_rate: float, patience: float, request: gr.Request) -> Iterator[tuple]:
+        session = self.session(request)
+        if not photos:
+            raise gr.Error("Upload at least one photo of the subject first.")
+        try:
+            config = GenerateConfig(
+                subjects=tuple(Path(_path_of(p)) for p in photos), prompt=prompt or "",
+                model=(model or self.settings.model).strip(), seed=int(seed), resolution=int(resolution),
+                max_steps=int(max_steps), learning_rate=float(learning_rate) if learning_rate else None,
+                early_stop_patience=int(patience) if patience else None,
+                dino_model=self.settings.dino_model, ir_model=self.settings.ir_model, device=self.settings.device,
+            )
+            with session.lock:
+                session.run = start_generation(config, self.new_run_dir("generate"), cache=self.cache)
+                session.events = []
+        except SisoError as err:
+            raise gr.Error(str(err)) from err
+        yield from self._stream(session)
+
+    def resume(self, request: gr.Request) -> Iterator[tuple]:
+        session = self.session(request)
+        if session.run is None:
+            raise gr.Error("Nothing to continue: start a run first.")
+        session.run.session.optimization.extend(CONTINUE_STEPS)
+        yield from self._stream(session)
+
+    def stop(self, request: gr.Request) -> str:
+        session = self.session(request)
+        if session.run is None:
+            return "Nothing is running."
+        session.run.session.request_stop()
+        return "Stopping after this iteration; the best iteration so far is kept."
+
+    def _stream(self, session: BrowserSession) -> Iterator[tuple]:
+        run = session.run
+        try:
+            for event in run.steps():
+                session.events.append(event)
+                yield self._view(session, finished=False)
+            run.finish()
+        except SisoError as err:
+            raise gr.Error(str(err)) from err
+        yield self._view(session, finished=True)
+
+    def _view(self, session: BrowserSession, finished: bool) -> tuple:
+        run = session.run
+        events = session.events
+        latest = events[-1] if events else None
+        best_step = latest.best_step if latest else None
+        out = run.out_dir
+        steps = [str(out / "steps" / f"{e.step:04d}.png") for e in events]
+        if latest is None:
+            status = "No iteration finished."
+        else:
+            losses = " · ".join(f"{k} {v:.4f}" for k, v in latest.losses.items() if k != "step")
+            # Numbered as in steps/NNNN.png and run.json.
+            status = f"Iteration {latest.step} · {losses} · best iteration {best_step}"
+        if finished:
+            reason = run.session.optimization.stop_reason
+            status = f"**Finished** ({reason}). " + status + f" · run directory `{out}`"
+        downloads = None
+        if finished and (out / "lora" / DIFFUSERS_WEIGHT_NAME).is_file():
+            downloads = [str(out / "best.png"), str(out / "lora" / DIFFUSERS_WEIGHT_NAME)]
+        return (
+            tensor_to_pil(latest.image) if latest else None,
+            steps[-24:],  # the gallery shows the latest iterations
+            _loss_table(events),
+            str(out / "best.png") if best_step is not None else None,
+            status,
+            downloads,
+        )
+
+    # -- render -----------------------------------------------------------------------------
+    def render(self, model: str, lora_file, use_last: bool, prompt: str, steps: float, seed: float,
+               resolution: float, request: gr.Request) -> tuple[str, str]:
+        session = self.session(request)
+        lora: Path | None = None
+        if lora_file:
+            lora = Path(_path_of(lora_file))
+        elif use_last:
+            if session.run is None or not (session.run.out_dir / "lora" / DIFFUSERS_WEIGHT_NAME).is_file():
+                raise gr.Error("This tab has no finished run yet: generate first, or upload a LoRA file.")
+            lora = session.run.out_dir / "lora"
+        try:
+            config = RenderConfig(model=(model or self.settings.model).strip(), prompt=prompt or "", lora=lora,
+                                  steps=int(steps) if steps else None, seed=int(seed),
+                                  resolution=int(resolution), device=self.settings.device)
+            backbone = load_render_backbone(config, self.cache)
+            with lora_loaded(backbone, lora):
+                image = render_with(backbone, config)
+        except SisoError as err:
+            raise gr.Error(str(err)) from err
+        path = self.new_run_dir("render").with_suffix(".png")
+        write_png(image, path)
+        return str(path), str(path)
+
+
+def _path_of(upload: Any) -> str:
+    """Gradio hands uploads over as paths or as objects with a ``name``/``path``."""
+    if isinstance(upload, (str, Path)):
+        return str(upload)
+    return str(getattr(upload, "path", None) or upload.name)
+
+
+def _loss_table(events: list[StepEvent]):
+    import pandas as pd  # a gradio dependency
+
+    rows = [
+        {"iteration": e.step, "loss": name, "value": value}
+        for e in events for name, value in e.losses.items() if name != "step"
+    ]
+    return pd.DataFrame(rows, columns=["iteration", "loss", "value"])
+
+
+def build_app(settings: AppSettings, cache: ModelCache | None = None) -> gr.Blocks:
+    app = SisoApp(settings, cache)
+    with gr.Blocks(title="siso: single-image personalisation") as demo:
+        gr.Markdown(
+            "# siso\nPersonalise a text-to-image model from **one photo**. Watch the subject appear, "
+            "press **Stop** when you like it, and take the LoRA home."
+        )
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    photos = gr.File(label="Subject photo(s)", file_count="multiple", file_types=["image"],
+                                     elem_id="subject-photos")
+                    prompt = gr.Textbox(label="Prompt (name the subject's class)", value="a photo of a dog",
+                                        elem_id="prompt")
+                    model = gr.Textbox(label="Backbone (Hub id or directory)", value=settings.model,
+                                       elem_id="model")
+                    with gr.Accordion("Advanced settings", open=False):
+                        seed = gr.Number(label="Seed", value=42, precision=0)
+                        resolution = gr.Number(label="Resolution", value=settings.resolution, precision=0)
+                        max_steps = gr.Number(label="Max iterations", value=settings.max_steps, precision=0,
+                                              elem_id="max-steps")
+                        learning_rate = gr.Number(label="Learning rate (empty: the backbone's)", value=None)
+                        patience = gr.Number(label="Early-stop patience (empty: the backbone's)", value=None,
+                                             precision=0, elem_id="patience")
+                    with gr.Row():
+                        start = gr.Button("Start", variant="primary", elem_id="start")
+                        stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                        resume = gr.Button("Continue", elem_id="continue")
+                with gr.Column(scale=2):
+                    status = gr.Markdown("Upload a photo, write a prompt, press Start.", elem_id="status")
+                    with gr.Row():
+                        current = gr.Image(label="Current iteration", type="pil", elem_id="current",
+                                           interactive=False, height=320)
+                        best = gr.Image(label="Best so far", type="filepath", elem_id="best", interactive=False,
+                                        height=320)
+                    plot = gr.LinePlot(x="iteration", y="value", color="loss", label="Losses", elem_id="losses")
+                    gallery = gr.Gallery(label="Iterations", columns=8, height=180, elem_id="iterations")
+                    downloads = gr.File(label="Downloads: best image and LoRA (diffusers format)",
+                                        file_count="multiple", interactive=False, elem_id="downloads")
+            outputs = [current, gallery, plot, best, status, downloads]
+            inputs = [photos, prompt, model, seed, resolution, max_steps, learning_rate, patience]
+            start.click(app.start, inputs, outputs,
+                        concurrency_limit=1, concurrency_id=GPU_QUEUE)
+            resume.click(app.resume, None, outputs, concurrency_limit=1, concurrency_id=GPU_QUEUE)
+            stop.click(app.stop, None, status, queue=False)
+        with gr.Tab("Render"):
+            with gr.Row():
+                with gr.Column():
+                    r_model = gr.Textbox(label="Backbone the LoRA was learned on", value=settings.model)
+                    r_use_last = gr.Checkbox(label="Use this tab's last LoRA", value=True)
+                    r_lora = gr.File(label="...or upload a LoRA (.safetensors)", file_types=[".safetensors"])
+                    r_prompt = gr.Textbox(label="Prompt", value="a dog on the beach")
+                    with gr.Accordion("Advanced settings", open=False):
+                        r_steps = gr.Number(label="Denoising steps (empty: the backbone's)", value=None,
+                                            precision=0)
+                        r_seed = gr.Number(label="Seed", value=42, precision=0)
+                        r_resolution = gr.Number(label="Resolution", value=settings.resolution, precision=0)
+                    r_go = gr.Button("Render", variant="primary")
+                with gr.Column():
+                    r_image = gr.Image(label="Image", type="filepath", interactive=False)
+                    r_file = gr.File(label="Download", interactive=False)
+            r_go.click(app.render, [r_model, r_lora, r_use_last, r_prompt, r_steps, r_seed, r_resolution],
+                       [r_image, r_file], concurrency_limit=1, concurrency_id=GPU_QUEUE)
+    demo.queue(default_concurrency_limit=1)
+    demo.siso_app = app  # for tests and embedding
+    return demo
+
+
+def launch(settings: AppSettings, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+    """Serve the app. Binds loopback unless told otherwise; uploads are size-limited; only the
+    files the app itself wrote (its runs directory) can be downloaded."""
+    settings.runs_dir.mkdir(parents=True, exist_ok=True)
+    demo = build_app(settings)
+    demo.launch(
+        server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True,
+        max_file_size=f"{settings.max_upload_mb}mb", allowed_paths=[str(settings.runs_dir.resolve())],
+        quiet=not block,
+    )
+    return demo
