@@ -207,8 +207,8 @@ def build_app(settings: AppSettings, cache: ModelCache | None = None) -> gr.Bloc
                         resolution = gr.Number(label="Resolution", value=settings.resolution, precision=0)
                         max_steps = gr.Number(label="Max iterations", value=settings.max_steps, precision=0,
                                               elem_id="max-steps")
-                        learning_rate = gr.Number(label="Learning rate (empty: the backbone's)", value=None)
-                        patience = gr.Number(label="Early-stop patience (empty: the backbone's)", value=None,
+                        learning_rate = gr.Number(label="Learning rate (0: the backbone's)", value=0)
+                        patience = gr.Number(label="Early-stop patience (0: the backbone's)", value=0,
                                              precision=0, elem_id="patience")
                     with gr.Row():
                         start = gr.Button("Start", variant="primary", elem_id="start")
@@ -239,7 +239,7 @@ def build_app(settings: AppSettings, cache: ModelCache | None = None) -> gr.Bloc
                     r_lora = gr.File(label="...or upload a LoRA (.safetensors)", file_types=[".safetensors"])
                     r_prompt = gr.Textbox(label="Prompt", value="a dog on the beach")
                     with gr.Accordion("Advanced settings", open=False):
-                        r_steps = gr.Number(label="Denoising steps (empty: the backbone's)", value=None,
+                        r_steps = gr.Number(label="Denoising steps (0: the backbone's)", value=0,
                                             precision=0)
                         r_seed = gr.Number(label="Seed", value=42, precision=0)
                         r_resolution = gr.Number(label="Resolution", value=settings.resolution, precision=0)

@@ -1,0 +1,143 @@
+"""The web app served on loopback with tiny models, driven in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import RESOLUTION
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from siso.images import pil_to_tensor
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+# Flags for a sandboxed machine without network: no background connections, no GPU.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served_app(sd_dir, dino_dir, tmp_path_factory):
+    from siso.app import AppSettings, build_app
+
+    runs = tmp_path_factory.mktemp("app-runs")
+    settings = AppSettings(model=str(sd_dir), dino_model=str(dino_dir), resolution=RESOLUTION, max_steps=400,
+                           device="cpu", runs_dir=runs)
+    demo = build_app(settings)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                allowed_paths=[str(runs)], max_file_size="25mb")
+    yield f"http://127.0.0.1:{port}/", runs
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install Debian's chromium package (see .ci/run)")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def status_text(page) -> str:
+    return page.inner_text("#status")
+
+
+def iteration_shown(page) -> int:
+    match = re.search(r"Iteration (\d+)", status_text(page))
+    return int(match.group(1)) if match else -1
+
+
+def start_run(page, url: str, photo: Path, max_steps: int, patience: int) -> None:
+    page.goto(url)
+    page.set_input_files("#subject-photos input[type=file]", str(photo))
+    page.wait_for_selector("#subject-photos >> text=00.jpg")
+    page.click("text=Advanced settings")
+    page.fill("#max-steps input", str(max_steps))
+    page.fill("#patience input", str(patience))
+    page.click("#start")
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_generate_watch_stop_and_download_the_lora(served_app, browser, subject_photo, sd_dir, tmp_path):
+    url, runs = served_app
+    page = browser.new_page(viewport={"width": 1400, "height": 1100}, accept_downloads=True)
+    start_run(page, url, subject_photo, max_steps=400, patience=400)
+
+    # At least two iteration images appear while it runs.
+    wait_until(lambda: iteration_shown(page) >= 1 and page.locator("#iterations img").count() >= 2, 120,
+               "two iterations in the live view")
+    page.click("#stop")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Finished')", timeout=120_000)
+    assert "interrupted" in status_text(page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "app-generate.png"), full_page=True)
+
+    with page.expect_download() as download_info:
+        page.click("#downloads a[download='pytorch_lora_weights.safetensors']")
+    lora_dir = tmp_path / "downloaded"
+    lora_dir.mkdir()
+    download_info.value.save_as(lora_dir / "pytorch_lora_weights.safetensors")
+
+    # The downloaded LoRA, in plain diffusers, renders the run's best image again.
+    (run_dir,) = [p for p in runs.iterdir() if p.is_dir() and "generate" in p.name]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["stop_reason"] == "interrupted" and record["status"] == "finished"
+    assert 2 <= len(record["losses"]) < 400
+    pipe = DiffusionPipeline.from_pretrained(sd_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(lora_dir)
+    with torch.no_grad():
+        image = pipe("a photo of a dog", num_inference_steps=1, guidance_scale=0.0, height=RESOLUTION,
+                     width=RESOLUTION, generator=torch.Generator("cpu").manual_seed(42), output_type="pil").images[0]
+    assert torch.equal(pil_to_tensor(image), pil_to_tensor(Image.open(run_dir / "best.png")))
+    page.close()
+
+
+def test_two_sessions_share_the_gpu_queue(served_app, browser, subject_photo):
+    url, runs = served_app
+    before = {p.name for p in runs.iterdir()}
+    first = browser.new_context().new_page()
+    second = browser.new_context().new_page()
+    start_run(first, url, subject_photo, max_steps=12, patience=400)
+    wait_until(lambda: iteration_shown(first) >= 0, 120, "the first session to start")
+    start_run(second, url, subject_photo, max_steps=6, patience=400)
+    # The second waits in the queue, and is told so, while the first runs.
+    wait_until(lambda: "queue" in second.inner_text("body").lower(), 60, "a queue position in the second tab")
+    assert "Finished" not in status_text(first)
+    for page in (first, second):
+        page.wait_for_function("document.querySelector('#status').innerText.includes('Finished')", timeout=180_000)
+    new_runs = sorted(p for p in runs.iterdir() if p.name not in before)
+    assert len(new_runs) == 2
+    records = [json.loads((p / "run.json").read_text()) for p in new_runs]
+    assert sorted(len(r["losses"]) for r in records) == [6, 12]
+    for run_dir, record in zip(new_runs, records, strict=True):
+        assert record["stop_reason"] == "max_steps"
+        assert len(list((run_dir / "steps").iterdir())) == len(record["losses"])
+        assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    # Each tab shows its own run.
+    assert str(new_runs[0]) in status_text(first) + status_text(second)
+    assert str(new_runs[1]) in status_text(first) + status_text(second)
