@@ -8,26 +8,36 @@ import os
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-import contextlib  # noqa: E402
-import logging  # noqa: E402
-import signal  # noqa: E402
 import sys  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated  # noqa: E402
 
 import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
-from rich.progress import (  # noqa: E402
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
+# Shared with the commands in their own modules (see cli_shared's docstring); the old private names stay.
+from .cli_shared import (  # noqa: E402, F401
+    Device,
+    DinoModel,
+    Dtype,
+    EarlyStopPct,
+    IrModel,
+    LoraFormat,
+    LoraRank,
+    MaxSteps,
+    Overwrite,
+    Resolution,
+    Seed,
+    Similarity,
+    console,
+    lora_formats,
+    print_summary,
+    run_with_progress,
+    similarity_hint,
+)
+from .cli_shared import quiet_libraries as _quiet_libraries  # noqa: E402
+from .cli_shared import split_similarity as _split_similarity  # noqa: E402
+from .cli_shared import stop_on_ctrl_c as _stop_on_ctrl_c  # noqa: E402, F401
 from .config import DEFAULT_DINO_MODEL, DEFAULT_GENERATION_MODEL, GenerateConfig  # noqa: E402
 from .errors import SisoError  # noqa: E402
 
@@ -37,50 +47,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="SISO: personalise a text-to-image model from one photo of a subject, at inference time.",
 )
-console = Console(stderr=True)
-
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
-Dtype = Annotated[str, typer.Option(help="Frozen-weight precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")]
-Seed = Annotated[int, typer.Option(help="Seed of the fixed initial noise (as torch.Generator(device).manual_seed).")]
-Resolution = Annotated[int, typer.Option(help="Image side in pixels.")]
-
-
-def _quiet_libraries() -> None:
-    """Library download/loading bars would fight with ours; siso reports its own progress."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    logging.getLogger("torch").setLevel(logging.ERROR)
-
-
-@contextlib.contextmanager
-def _stop_on_ctrl_c(request_stop) -> Iterator[None]:
-    """First Ctrl-C: finish this iteration, then save. Second: stop at once (the best is still saved)."""
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(signum, frame):
-        if handler.pressed:  # type: ignore[attr-defined]
-            raise KeyboardInterrupt
-        handler.pressed = True  # type: ignore[attr-defined]
-        request_stop()
-        console.print("[yellow]Stopping after this iteration; press Ctrl-C again to stop at once.[/]")
-
-    handler.pressed = False  # type: ignore[attr-defined]
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _split_similarity(value: str | None) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 @app.command()
@@ -93,35 +59,29 @@ def generate(
     ),
     seed: Seed = 42,
     resolution: Resolution = 512,
-    max_steps: Annotated[int, typer.Option(help="Most optimisation iterations.")] = 50,
+    max_steps: MaxSteps = 50,
     lr: Annotated[float | None, typer.Option(help="AdamW learning rate [default: the backbone's, 2e-4].")] = None,
-    early_stop_pct: Annotated[float, typer.Option(help="An improvement counts when the loss drops by this %.")] = 3.0,
+    early_stop_pct: EarlyStopPct = 3.0,
     early_stop_patience: Annotated[
         int | None, typer.Option(help="Stop after this many iterations without one [default: 7].")
     ] = None,
     denoise_steps: Annotated[int | None, typer.Option(help="Denoising steps per iteration [default: 1].")] = None,
     grad_steps: Annotated[int | None, typer.Option(help="How many final steps carry gradients [default: 1].")] = None,
-    lora_rank: Annotated[int, typer.Option(help="LoRA rank (alpha equals it).")] = 4,
+    lora_rank: LoraRank = 4,
     train_text_encoder: Annotated[bool, typer.Option(help="Also put LoRA on the text encoder(s).")] = False,
-    dino_model: Annotated[str, typer.Option(help="DINOv2 Hub id or directory.")] = DEFAULT_DINO_MODEL,
-    ir_model: Annotated[
-        str | None, typer.Option(help="IR model directory made by `siso convert-ir` (adds the IR loss).")
-    ] = None,
-    similarity: Annotated[
-        str | None, typer.Option(help="Comma-separated: dino, ir [default: dino,ir with --ir-model, else dino].")
-    ] = None,
+    dino_model: DinoModel = DEFAULT_DINO_MODEL,
+    ir_model: IrModel = None,
+    similarity: Similarity = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Write into a non-empty --out (siso's files are replaced).")] = False,
-    lora_format: Annotated[
-        list[str], typer.Option(help="diffusers (always written) and/or kohya (ComfyUI/A1111).")
-    ] = ["diffusers"],  # noqa: B006 - typer needs a literal default
+    overwrite: Overwrite = False,
+    lora_format: LoraFormat = ["diffusers"],  # noqa: B006 - typer needs a literal default
 ) -> None:
     """Optimise a LoRA so the model's image of PROMPT shows the subject; write images, LoRA and run.json."""
     from .generation import run_generation
 
     _quiet_libraries()
-    formats = tuple(dict.fromkeys(["diffusers", *lora_format]))
+    formats = lora_formats(lora_format)
     config = GenerateConfig(
         subjects=tuple(subject), prompt=prompt, model=model, seed=seed, resolution=resolution,
         max_steps=max_steps, learning_rate=lr, early_stop_pct=early_stop_pct,
@@ -129,43 +89,11 @@ def generate(
         lora_rank=lora_rank, train_text_encoder=train_text_encoder, dino_model=dino_model, ir_model=ir_model,
         similarity=_split_similarity(similarity), device=device, dtype=dtype, lora_format=formats,
     )
-    if similarity is None and ir_model is None:
-        console.print("[dim]Similarity: DINO only. Add the IR loss with --ir-model DIR "
-                      "(make DIR once with `siso convert-ir CHECKPOINT --out DIR`).[/]")
-
-    progress = Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[losses]}"), TimeElapsedColumn(), console=console, transient=False,
+    similarity_hint(similarity, ir_model)
+    result = run_with_progress(
+        lambda **hooks: run_generation(config, out, overwrite=overwrite, **hooks), config.max_steps
     )
-    stack = contextlib.ExitStack()
-    with progress, stack:
-        task = progress.add_task("Loading", total=config.max_steps, losses="")
-
-        def on_session(session) -> None:
-            stack.enter_context(_stop_on_ctrl_c(session.request_stop))
-            progress.update(task, description="Optimising", total=session.config.max_steps)
-
-        def on_step(event) -> None:
-            parts = [f"{k} {v:.4f}" for k, v in event.losses.items() if k != "step"]
-            parts.append(f"best step {event.best_step}")
-            progress.update(task, completed=event.step + 1, losses=" | ".join(parts))
-
-        result = run_generation(
-            config, out, overwrite=overwrite, on_step=on_step,
-            status=lambda message: progress.update(task, description=escape(message)), on_session=on_session,
-        )
-    reasons = {
-        "early_stop": "stopped early (no further improvement)",
-        "max_steps": "reached --max-steps",
-        "interrupted": "interrupted; the best iteration so far was kept",
-        "nan": "stopped: the loss became NaN; the best finite iteration was kept",
-    }
-    console.print(f"[green]Done[/]: {reasons.get(result.stop_reason, result.stop_reason)}. "
-                  f"Best iteration {result.best_step} of {len(result.history)}.")
-    console.print(f"  best image: {escape(str(result.run_dir / 'best.png'))}")
-    if result.lora_dir is not None:
-        console.print(f"  LoRA:       {escape(str(result.lora_dir))}  (diffusers: pipe.load_lora_weights(...))")
-    console.print(f"  record:     {escape(str(result.run_dir / 'run.json'))}")
+    print_summary(result)
 
 
 @app.command()
@@ -232,6 +160,8 @@ def web_app(
 
 # -- commands defined in their own modules (one module per command) ------------------------------
 # (each line: from .<module> import <function>; app.command("<name>")(<function>))
+from .bench_cli import bench; app.command("bench")(bench)  # noqa: E402, E702, I001
+from .edit_cli import edit; app.command("edit")(edit)  # noqa: E402, E702, I001
 # -- end of command registrations -------------------------------------------------------------------
 
 

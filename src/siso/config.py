@@ -171,3 +171,118 @@ class RenderConfig:
             raise SisoError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}.")
         if self.dtype not in DTYPES:
             raise SisoError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+
+
+DEFAULT_EDITING_MODEL = "stabilityai/sd-turbo"
+DEFAULT_LABEL_MODEL = "openai/clip-vit-large-patch14"
+DEFAULT_DETECTOR_MODEL = "IDEA-Research/grounding-dino-base"
+DEFAULT_SEGMENTER_MODEL = "facebook/sam-vit-base"
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """An editing run: swap the object of class ``input_class`` in the scene ``input`` for the subject.
+
+    Classes left ``None`` are found by the CLIP labeller; without ``mask`` Grounding DINO + SAM find
+    the object. Defaults are the method's editing numbers (method-facts, Editing).
+    """
+
+    subject: Path
+    input: Path
+    subject_class: str | None = None
+    input_class: str | None = None
+    mask: Path | None = None
+    bg_weight: float = 10.0
+    strength: float = 0.75
+    inversion_steps: int = 4
+    model: str = DEFAULT_EDITING_MODEL
+    seed: int = 42
+    resolution: int = 512
+    max_steps: int = 50
+    learning_rate: float = 3e-4
+    early_stop_pct: float = 5.0
+    early_stop_patience: int = 5
+    lora_rank: int = 4
+    dino_model: str = DEFAULT_DINO_MODEL
+    ir_model: str | None = None
+    similarity: tuple[str, ...] | None = None  # None: dino, plus ir when ir_model is set
+    dino_weight: float = 1.0
+    ir_weight: float = 1.0
+    label_model: str = DEFAULT_LABEL_MODEL
+    detector_model: str = DEFAULT_DETECTOR_MODEL
+    segmenter_model: str = DEFAULT_SEGMENTER_MODEL
+    box_threshold: float = 0.3
+    text_threshold: float = 0.25
+    device: str = "auto"
+    dtype: str = "auto"
+    lora_format: tuple[str, ...] = ("diffusers",)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_weight_decay: float = 1e-2
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "subject", Path(self.subject))
+        object.__setattr__(self, "input", Path(self.input))
+        if self.mask is not None:
+            object.__setattr__(self, "mask", Path(self.mask))
+        for flag, name in (("subject-class", "subject_class"), ("input-class", "input_class")):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, str) or not value.strip():
+                    raise SisoError(f'--{flag} is empty: name the object, e.g. --{flag} "dog", or leave it out '
+                                    "to have it recognised automatically.")
+                object.__setattr__(self, name, " ".join(value.split()))
+        for flag, value in (("max-steps", self.max_steps), ("resolution", self.resolution),
+                            ("lora-rank", self.lora_rank), ("inversion-steps", self.inversion_steps),
+                            ("early-stop-patience", self.early_stop_patience)):
+            _check_positive(flag, value)
+        if not self.learning_rate > 0:
+            raise SisoError(f"--lr must be a positive number, got {self.learning_rate}.")
+        if self.early_stop_pct < 0:
+            raise SisoError(f"--early-stop-pct must be >= 0, got {self.early_stop_pct}.")
+        if not self.bg_weight >= 0:
+            raise SisoError(f"--bg-weight must be >= 0 (0 turns the background loss off), got {self.bg_weight}.")
+        if not 0 < self.strength <= 1:
+            raise SisoError(f"--strength must be in (0, 1], got {self.strength}.")
+        if int(self.inversion_steps * self.strength + 1e-6) < 1:
+            raise SisoError(
+                f"--strength {self.strength} of --inversion-steps {self.inversion_steps} leaves no denoising step "
+                f"to edit; raise either (the method uses 0.75 of 4)."
+            )
+        for flag, value in (("box-threshold", self.box_threshold), ("text-threshold", self.text_threshold)):
+            if not 0 <= value <= 1:
+                raise SisoError(f"--{flag} must be in [0, 1], got {value}.")
+        if self.device not in DEVICES:
+            raise SisoError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}.")
+        if self.dtype not in DTYPES:
+            raise SisoError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        object.__setattr__(self, "lora_format", tuple(self.lora_format))
+        for fmt in self.lora_format:
+            if fmt not in LORA_FORMATS:
+                raise SisoError(f"--lora-format must be one of {', '.join(LORA_FORMATS)}, got {fmt!r}.")
+        if self.similarity is not None:
+            names = tuple(self.similarity)
+            if not names or any(n not in SIMILARITY_NAMES for n in names):
+                raise SisoError(f"--similarity takes a comma-separated list of {', '.join(SIMILARITY_NAMES)}; "
+                                f"got {','.join(names) or 'nothing'}.")
+            if "ir" in names and not self.ir_model:
+                raise SisoError("--similarity includes ir but no IR model is configured: pass --ir-model DIR "
+                                "(a directory made by `siso convert-ir`).")
+            object.__setattr__(self, "similarity", names)
+
+    @property
+    def similarity_names(self) -> tuple[str, ...]:
+        if self.similarity is not None:
+            return self.similarity
+        return ("dino", "ir") if self.ir_model else ("dino",)
+
+    def resolved(self) -> EditConfig:
+        """Fill the ``None`` knobs that have a fixed answer, so the record shows what ran."""
+        return _replace(self, similarity=self.similarity_names)
+
+    def to_record(self) -> dict[str, Any]:
+        record = asdict(self)
+        for name in ("subject", "input", "mask"):
+            record[name] = str(record[name]) if record[name] is not None else None
+        return record

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from .backbones import Backbone, render
-from .config import GenerateConfig
+from .config import EditConfig, GenerateConfig
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import SisoError
 from .images import load_image, pil_to_tensor, tensor_to_pil, working_copy
@@ -83,6 +83,7 @@ def prepare_generation(config: GenerateConfig, status: Status = _quiet,
     with _out_of_memory_as_error(config):
         status(f"Loading {config.model}")
         backbone = cache.backbone(config.model, device, dtype)
+        type(backbone).check_options(config.model, config.train_text_encoder, config.lora_format)
         config = config.resolved(backbone.preset)
         backbone.check_resolution(config.resolution)
         models = {}
@@ -115,11 +116,16 @@ def _make_render(backbone: Backbone, config: GenerateConfig) -> Callable[[], tor
         return render(backbone, cond, config.seed, config.resolution, config.denoise_steps, config.grad_steps)
 
     if config.train_text_encoder:
-        # The text encoders are being trained, so the prompt must be encoded anew each time.
-        return lambda: render_with(backbone.encode_prompt(config.prompt, config.resolution))
-    with torch.no_grad():
-        cond = backbone.encode_prompt(config.prompt, config.resolution)
-    return lambda: render_with(cond)
+        # The text encoders are being trained, so the prompt must be encoded anew each time
+        # (backbones cache what their frozen encoders compute, e.g. FLUX's T5).
+        render_fn = lambda: render_with(backbone.encode_prompt(config.prompt, config.resolution))  # noqa: E731
+    else:
+        with torch.no_grad():
+            cond = backbone.encode_prompt(config.prompt, config.resolution)
+        render_fn = lambda: render_with(cond)  # noqa: E731
+    # Frozen text encoders have done their work: free their GPU memory for the loop.
+    backbone.offload_text_encoders()
+    return render_fn
 
 
 @contextlib.contextmanager
@@ -130,9 +136,9 @@ def _out_of_memory_as_error(config: GenerateConfig) -> Iterator[None]:
         raise SisoError(out_of_memory_advice(config)) from err
 
 
-def out_of_memory_advice(config: GenerateConfig) -> str:
+def out_of_memory_advice(config: GenerateConfig | EditConfig) -> str:
     hints = [f"a lower --resolution (now {config.resolution})"]
-    if config.train_text_encoder:
+    if getattr(config, "train_text_encoder", False):  # editing has no text-encoder LoRA
         hints.append("dropping --train-text-encoder")
     if "ir" in config.similarity_names:
         hints.append("--similarity dino")

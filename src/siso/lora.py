@@ -17,7 +17,6 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from .backbones import Backbone
-from .config import LORA_TARGETS, TEXT_ENCODER_LORA_TARGETS
 
 ADAPTER_NAME = "siso"
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -31,12 +30,16 @@ def attach_lora(backbone: Backbone, rank: int, train_text_encoder: bool, seed: i
     """Add a rank-``rank`` LoRA (alpha = rank, so scale 1) and return its parameters, in fp32.
 
     Gaussian init: A random, B zero, so the first render equals the untouched model's. The init is
-    drawn from ``seed`` without disturbing the global RNG, so a run is repeatable.
+    drawn from ``seed`` without disturbing the global RNG, so a run is repeatable. The target modules
+    are the backbone class's (``lora_targets``, ``text_encoder_lora_targets``): diffusers' layout for
+    that family, so its pipeline's ``load_lora_weights`` takes our file.
     """
+    type(backbone).check_options(backbone.model_id, train_text_encoder)
     detach_lora(backbone)  # a reused (cached) backbone may carry the previous run's adapter
-    targets = {backbone.denoiser_name: LORA_TARGETS}
+    backbone.restore_text_encoders()  # ... and have parked its text encoders on the CPU
+    targets = {backbone.denoiser_name: backbone.lora_targets}
     if train_text_encoder:
-        targets.update({name: TEXT_ENCODER_LORA_TARGETS for name in backbone.text_encoder_names})
+        targets.update({name: backbone.text_encoder_lora_targets for name in backbone.text_encoder_names})
     params: list[torch.nn.Parameter] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

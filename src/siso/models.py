@@ -31,6 +31,14 @@ class ModelCache:
             self._similarity[key] = load_similarity(name, source, device, dtype)
         return self._similarity[key]
 
+    def add_backbone(self, model: str, device: torch.device, dtype: torch.dtype, backbone: Backbone) -> None:
+        """Register an already-built backbone under ``model`` (benchmarks build random-weight ones)."""
+        self._backbones[(model, str(device), dtype)] = backbone
+
+    def add_similarity(self, name: str, source: str, device: torch.device, dtype: torch.dtype,
+                       model: SimilarityModel) -> None:
+        self._similarity[(name, source, str(device), dtype)] = model
+
     def clear(self) -> None:
         self._backbones.clear()
         self._similarity.clear()

@@ -74,11 +74,13 @@ def lora_loaded(backbone: Backbone, lora: Path | None) -> Iterator[None]:
 
 def render_with(backbone: Backbone, config: RenderConfig) -> Image.Image:
     steps = config.steps or backbone.preset.render_steps
+    backbone.restore_text_encoders()  # a cached backbone's optimisation may have parked them on the CPU
     generator = torch.Generator(backbone.device).manual_seed(config.seed)
     with torch.no_grad():
         images = backbone.pipeline(
             config.prompt, num_inference_steps=steps, guidance_scale=backbone.preset.guidance_scale,
             generator=generator, height=config.resolution, width=config.resolution, output_type="pt",
+            **backbone.plain_pipeline_kwargs(),
         ).images
     return tensor_to_pil(images[0])
 

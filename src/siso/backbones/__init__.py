@@ -9,10 +9,12 @@ from diffusers import DiffusionPipeline
 
 from ..errors import SisoError
 from .base import Backbone, Conditioning, render
+from .flux import FluxBackbone
+from .sana import SanaBackbone
 from .stable_diffusion import StableDiffusionBackbone
 from .stable_diffusion_xl import StableDiffusionXLBackbone
 
-BACKBONES: list[type[Backbone]] = [StableDiffusionBackbone, StableDiffusionXLBackbone]
+BACKBONES: list[type[Backbone]] = [StableDiffusionBackbone, StableDiffusionXLBackbone, FluxBackbone, SanaBackbone]
 
 __all__ = ["BACKBONES", "Backbone", "Conditioning", "backbone_class_for", "load_backbone", "render"]
 
@@ -59,10 +61,11 @@ def load_backbone(model: str, device: torch.device, dtype: torch.dtype) -> Backb
     if dtype == torch.float16 and vae is not None and getattr(vae.config, "force_upcast", False):
         # This VAE overflows in fp16 (SDXL's does); keep it in fp32 as diffusers does when decoding.
         vae.to(torch.float32)
-    pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     for module in pipeline.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
             module.eval()
-    return cls(pipeline, model)
+    backbone = cls(pipeline, model)
+    backbone.place_on(device)  # the adapter may pick memory savers for the GPU first (FLUX does)
+    return backbone

@@ -22,7 +22,8 @@ class StableDiffusionBackbone(Backbone):
         return self.pipeline.vae_scale_factor * 2**downsamplings
 
     def encode_prompt(self, prompt: str, resolution: int) -> Conditioning:
-        prompt_embeds, _ = self.pipeline.encode_prompt(prompt, self.device, 1, False)
+        with self._text_encoders_on_device(*self.text_encoder_names):
+            prompt_embeds, _ = self.pipeline.encode_prompt(prompt, self.device, 1, False)
         return {"prompt_embeds": prompt_embeds}
 
     def denoise_step(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,

@@ -18,9 +18,10 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
 
     def encode_prompt(self, prompt: str, resolution: int) -> Conditioning:
         pipe = self.pipeline
-        prompt_embeds, _, pooled, _ = pipe.encode_prompt(
-            prompt=prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
+        with self._text_encoders_on_device(*self.text_encoder_names):
+            prompt_embeds, _, pooled, _ = pipe.encode_prompt(
+                prompt=prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
         if pipe.text_encoder_2 is None:
             projection_dim = int(pooled.shape[-1])
         else:

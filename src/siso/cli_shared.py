@@ -1,0 +1,133 @@
+"""What the optimising commands share: option types, the console, progress, Ctrl-C and the summary.
+
+A module of its own, not part of cli.py, because cli.py imports the commands that live in their own
+modules (edit_cli, ...): were those to import cli.py, ``python -m siso.cli`` would import it twice
+and the second import would find its command modules half-initialised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Iterable, Iterator
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True)
+
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
+Dtype = Annotated[str, typer.Option(help="Frozen-weight precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")]
+Seed = Annotated[int, typer.Option(help="Seed of the fixed initial noise (as torch.Generator(device).manual_seed).")]
+Resolution = Annotated[int, typer.Option(help="Image side in pixels.")]
+MaxSteps = Annotated[int, typer.Option(help="Most optimisation iterations.")]
+EarlyStopPct = Annotated[float, typer.Option(help="An improvement counts when the loss drops by this %.")]
+LoraRank = Annotated[int, typer.Option(help="LoRA rank (alpha equals it).")]
+DinoModel = Annotated[str, typer.Option(help="DINOv2 Hub id or directory.")]
+IrModel = Annotated[str | None, typer.Option(help="IR model directory made by `siso convert-ir` (adds the IR loss).")]
+Similarity = Annotated[
+    str | None, typer.Option(help="Comma-separated: dino, ir [default: dino,ir with --ir-model, else dino].")
+]
+Overwrite = Annotated[bool, typer.Option(help="Write into a non-empty --out (siso's files are replaced).")]
+LoraFormat = Annotated[list[str], typer.Option(help="diffusers (always written) and/or kohya (ComfyUI/A1111).")]
+
+STOP_REASONS = {
+    "early_stop": "stopped early (no further improvement)",
+    "max_steps": "reached --max-steps",
+    "interrupted": "interrupted; the best iteration so far was kept",
+    "nan": "stopped: the loss became NaN; the best finite iteration was kept",
+}
+
+Result = TypeVar("Result")
+
+
+def quiet_libraries() -> None:
+    """Library download/loading bars would fight with ours; siso reports its own progress."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    logging.getLogger("torch").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c(request_stop: Callable[[], None]) -> Iterator[None]:
+    """First Ctrl-C: finish this iteration, then save. Second: stop at once (the best is still saved)."""
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if handler.pressed:  # type: ignore[attr-defined]
+            raise KeyboardInterrupt
+        handler.pressed = True  # type: ignore[attr-defined]
+        request_stop()
+        console.print("[yellow]Stopping after this iteration; press Ctrl-C again to stop at once.[/]")
+
+    handler.pressed = False  # type: ignore[attr-defined]
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def split_similarity(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def lora_formats(values: Iterable[str]) -> tuple[str, ...]:
+    """The diffusers layout is always written; --lora-format adds others."""
+    return tuple(dict.fromkeys(["diffusers", *values]))
+
+
+def similarity_hint(similarity: str | None, ir_model: str | None) -> None:
+    if similarity is None and ir_model is None:
+        console.print("[dim]Similarity: DINO only. Add the IR loss with --ir-model DIR "
+                      "(make DIR once with `siso convert-ir CHECKPOINT --out DIR`).[/]")
+
+
+def run_with_progress(start: Callable[..., Result], max_steps: int,
+                      on_session: Callable[[Any], None] | None = None) -> Result:
+    """Run ``start(on_step=, status=, on_session=)`` (``run_generation``-shaped) under a progress bar,
+    with Ctrl-C wired to the session's ``request_stop``; ``on_session`` is called once it is ready."""
+    progress = Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[losses]}"), TimeElapsedColumn(), console=console, transient=False,
+    )
+    stack = contextlib.ExitStack()
+    with progress, stack:
+        task = progress.add_task("Loading", total=max_steps, losses="")
+
+        def session_ready(session) -> None:
+            stack.enter_context(stop_on_ctrl_c(session.request_stop))
+            if on_session is not None:
+                on_session(session)
+            progress.update(task, description="Optimising", total=session.config.max_steps)
+
+        def on_step(event) -> None:
+            parts = [f"{k} {v:.4f}" for k, v in event.losses.items() if k != "step"]
+            parts.append(f"best step {event.best_step}")
+            progress.update(task, completed=event.step + 1, losses=" | ".join(parts))
+
+        return start(on_step=on_step, status=lambda message: progress.update(task, description=escape(message)),
+                     on_session=session_ready)
+
+
+def print_summary(result: Any, files: Iterable[tuple[str, str]] = ()) -> None:
+    """The closing lines of an optimising command: why it stopped and where everything is."""
+    console.print(f"[green]Done[/]: {STOP_REASONS.get(result.stop_reason, result.stop_reason)}. "
+                  f"Best iteration {result.best_step} of {len(result.history)}.")
+    console.print(f"  best image: {escape(str(result.run_dir / 'best.png'))}")
+    for name, path in files:
+        console.print(f"  {name + ':':<11} {escape(path)}")
+    if result.lora_dir is not None:
+        console.print(f"  LoRA:       {escape(str(result.lora_dir))}  (diffusers: pipe.load_lora_weights(...))")
+    console.print(f"  record:     {escape(str(result.run_dir / 'run.json'))}")

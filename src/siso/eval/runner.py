@@ -1,0 +1,249 @@
+"""The benchmark driver: resumable, streaming, executor-agnostic.
+
+Layout of the benchmark directory::
+
+    DIR/bench.json            the settings (a rerun must match them), library versions
+    DIR/manifest.jsonl        the items of the latest run
+    DIR/items/<id>/           one item's outputs: run/ (the optimisation), images/<method>/NN.png,
+                              features.safetensors (for FID/KID/CMMD), result.json (written last)
+    DIR/results.jsonl         one line per finished (or failed) item, in completion order
+    DIR/summary.md, .csv      means and standard errors, overall and per subject
+
+An item is finished when its result.json says "done": the driver writes it atomically after the
+worker returns, then appends the same record to results.jsonl. A rerun skips finished items and
+redoes everything else from scratch (the worker clears the item's folder first), so killing a
+run at any moment loses at most the items in progress. A failed item is retried once, then
+recorded as failed; a rerun tries it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..errors import SisoError
+from ..files import write_json
+from ..runs import library_versions
+from .executors import make_executor
+from .manifest import BenchItem, write_manifest
+from .settings import BenchSettings
+from .worker import check_task
+
+RESULTS_FILE = "results.jsonl"
+SETTINGS_FILE = "bench.json"
+RESULT_FILE = "result.json"
+MAX_ATTEMPTS = 2  # a failed item is retried once
+
+
+class BenchProgress(Protocol):
+    def started(self, total: int, finished: int, workers: list[dict[str, str]]) -> None: ...
+
+    def item_done(self, record: dict[str, Any]) -> None: ...
+
+    def item_retry(self, item: BenchItem, error: str) -> None: ...
+
+
+class _Silent:
+    def started(self, total, finished, workers):
+        pass
+
+    def item_done(self, record):
+        pass
+
+    def item_retry(self, item, error):
+        pass
+
+
+@dataclass
+class BenchReport:
+    out_dir: Path
+    total: int
+    skipped: int  # finished by an earlier run
+    done: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def read_results(out_dir: Path) -> list[dict[str, Any]]:
+    """The records in results.jsonl; a line cut short by a killed run is ignored."""
+    path = Path(out_dir) / RESULTS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "id" in record:
+            records.append(record)
+    return records
+
+
+def latest_results(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """The last record of each item (a rerun may have retried a failed one)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for record in read_results(out_dir):
+        latest.pop(record["id"], None)
+        latest[record["id"]] = record
+    return latest
+
+
+def _append_result(out_dir: Path, record: dict[str, Any]) -> None:
+    path = out_dir / RESULTS_FILE
+    with path.open("a") as handle:
+        handle.write(json.dumps(record, default=str) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _read_result_file(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _reconcile(out_dir: Path) -> None:
+    """Make results.jsonl agree with the committed result.json files after a killed run.
+
+    A cut-off last line is dropped; an item committed just before the kill, but not yet listed,
+    is appended.
+    """
+    path = out_dir / RESULTS_FILE
+    text = path.read_text() if path.is_file() else ""
+    records = read_results(out_dir)
+    if text and (not text.endswith("\n") or len(records) != len(text.splitlines())):
+        from ..files import atomic_path
+
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
+    listed = {r["id"] for r in records if r.get("status") == "done"}
+    items_dir = out_dir / "items"
+    if items_dir.is_dir():
+        for folder in sorted(items_dir.iterdir()):
+            record = _read_result_file(folder / RESULT_FILE)
+            if record and record.get("status") == "done" and record.get("id") not in listed:
+                _append_result(out_dir, record)
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return keys
+
+
+def _check_settings(out_dir: Path, settings: BenchSettings) -> None:
+    path = out_dir / SETTINGS_FILE
+    wanted = json.loads(json.dumps(settings.to_record(), default=str))
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text()).get("settings")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            stored = None
+        if stored is not None and stored != wanted:
+            keys = _differences(stored, wanted)
+            raise SisoError(
+                f"--out {out_dir} holds a benchmark run with different settings ({'; '.join(keys)}); "
+                "rerun with the same options to resume it, or choose a new --out."
+            )
+        if stored is not None:
+            return
+    # The generation knobs with GenerateConfig's defaults filled in: what the summary reports.
+    write_json({"settings": wanted, "resolved_options": settings.resolved_options(), "versions": library_versions(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, path)
+
+
+def _finished(out_dir: Path, items: Sequence[BenchItem]) -> set[str]:
+    finished = set()
+    for item in items:
+        record = _read_result_file(out_dir / "items" / item.id / RESULT_FILE)
+        if not record or record.get("status") != "done":
+            continue
+        if record.get("item") != json.loads(json.dumps(item.to_record())):
+            raise SisoError(
+                f"Item {item.id} in {out_dir} was finished with different inputs (photos, class or prompts) than "
+                "the manifest now gives; choose a new --out for the changed manifest."
+            )
+        finished.add(item.id)
+    return finished
+
+
+def _check_items(items: Sequence[BenchItem], task: str) -> None:
+    for item in items:
+        if task == "generate" and not item.prompts:
+            raise SisoError(f'Item {item.id} has no "prompts"; --task generate renders each of them.')
+        if task == "edit" and item.scene is None:
+            raise SisoError(f'Item {item.id} has no "scene" (the image to edit); --task edit needs one per item.')
+        paths = (item.subject_photo, item.scene, item.scene_mask)
+        missing = [str(p) for p in paths if p is not None and not Path(p).is_file()]
+        if missing:
+            raise SisoError(f"Item {item.id}: {', '.join(missing)} does not exist.")
+
+
+def run_bench(items: Sequence[BenchItem], settings: BenchSettings, out: str | Path, *, executor: str = "local",
+              ray_address: str | None = None, workers: int | None = None,
+              progress: BenchProgress | None = None) -> BenchReport:
+    """Run (or resume) the benchmark of ``items`` into ``out`` and write its summary."""
+    from ._deps import require
+    from .summary import write_summary
+
+    progress = progress or _Silent()
+    require("torchmetrics", "siso bench")
+    check_task(settings.task)
+    _check_items(items, settings.task)
+    if settings.has_reference_set and settings.fid_features == "inception":
+        require("torch_fidelity", "FID/KID with --fid-features inception (Inception-v3)")
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SisoError(f"--out {out_dir} is a file; pass a directory for the benchmark.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_settings(out_dir, settings)
+    _reconcile(out_dir)
+    finished = _finished(out_dir, items)
+    write_manifest(items, out_dir / "manifest.jsonl")
+    todo = [item for item in items if item.id not in finished]
+    report = BenchReport(out_dir=out_dir, total=len(items), skipped=len(finished))
+    if todo:
+        runner = make_executor(executor, settings, out_dir, ray_address, workers)
+        try:
+            described = runner.start()
+            progress.started(len(items), len(finished), described)
+            attempts = {item.id: 0 for item in todo}
+            for item in todo:
+                attempts[item.id] += 1
+                runner.submit(item)
+            while runner.pending():
+                outcome = runner.next_outcome()
+                item = outcome.item
+                if outcome.record is None and attempts[item.id] < MAX_ATTEMPTS:
+                    progress.item_retry(item, outcome.error or "unknown error")
+                    attempts[item.id] += 1
+                    runner.submit(item)
+                    continue
+                record = outcome.record or {
+                    "id": item.id, "subject": item.subject, "class": item.class_name, "status": "failed",
+                    "error": outcome.error, "item": item.to_record(),
+                }
+                record["attempts"] = attempts[item.id]
+                write_json(record, out_dir / "items" / item.id / RESULT_FILE)
+                _append_result(out_dir, record)
+                (report.done if record["status"] == "done" else report.failed).append(item.id)
+                progress.item_done(record)
+        finally:
+            runner.close()
+    else:
+        progress.started(len(items), len(finished), [])
+    report.summary = write_summary(out_dir)
+    return report

@@ -1,0 +1,292 @@
+"""Editing end to end on tiny models: the run directory, the background loss at work, the automatic
+labels and mask, SDXL's ancestral sampler, the CLI, and the CLI's answers to bad inputs."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import tiny_editing
+import torch
+from conftest import DREAMBENCH, RESOLUTION
+from diffusers import DiffusionPipeline
+from PIL import Image
+from rich.console import Console
+
+from siso import cli
+from siso.config import EditConfig, GenerateConfig
+from siso.editing import background_mse, run_edit
+from siso.generation import run_generation
+from siso.images import load_image, pil_to_tensor, tensor_to_pil
+from siso.masks import square_crop
+from siso.models import ModelCache
+
+SUBJECT = DREAMBENCH / "dog" / "00.jpg"
+SCENE = DREAMBENCH / "cat" / "00.jpg"
+
+
+@pytest.fixture(scope="session")
+def scene_size() -> tuple[int, int]:
+    return load_image(SCENE).size
+
+
+@pytest.fixture(scope="session")
+def planted_mask(tmp_path_factory, scene_size):
+    """A mask at the scene's size marking a box in the middle of what the edit sees."""
+    width, height = scene_size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    array = np.zeros((height, width), np.uint8)
+    array[top + side // 4: top + 3 * side // 4, left + side // 4: left + 3 * side // 4] = 255
+    path = tmp_path_factory.mktemp("mask") / "mask.png"
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def labeller_dir(tmp_path_factory):
+    from siso.images import working_copy
+
+    planted = {"dog": working_copy(load_image(SUBJECT)), "cat": square_crop(load_image(SCENE), RESOLUTION)}
+    return tiny_editing.clip_dir(tmp_path_factory.mktemp("tiny-clip"), planted)
+
+
+@pytest.fixture(scope="session")
+def detector_dir(tmp_path_factory):
+    return tiny_editing.grounding_dino_dir(tmp_path_factory.mktemp("tiny-grounding-dino"))
+
+
+@pytest.fixture(scope="session")
+def segmenter_dir(tmp_path_factory):
+    return tiny_editing.sam_dir(tmp_path_factory.mktemp("tiny-sam"))
+
+
+def edit_config(model_dir, dino_dir, **options) -> EditConfig:
+    values = dict(subject=SUBJECT, input=SCENE, model=str(model_dir), dino_model=str(dino_dir), resolution=RESOLUTION,
+                  device="cpu", max_steps=3, learning_rate=5e-3)
+    values.update(options)
+    return EditConfig(**values)
+
+
+class Captured:
+    def __init__(self):
+        self.session = None
+        self.events = []
+
+    def on_session(self, session):
+        self.session = session
+
+    def on_step(self, event):
+        self.events.append(event)
+
+
+@pytest.fixture(scope="module")
+def planted_edit(sd_dir, dino_dir, planted_mask, tmp_path_factory):
+    """An SD edit with the user's classes and mask, a weighty background loss and a cached backbone."""
+    captured, cache = Captured(), ModelCache()
+    config = edit_config(sd_dir, dino_dir, subject_class="dog", input_class="cat", mask=planted_mask,
+                         max_steps=8, learning_rate=2e-2, early_stop_patience=8)
+    result = run_edit(config, tmp_path_factory.mktemp("edit") / "run", on_step=captured.on_step,
+                      on_session=captured.on_session, cache=cache)
+    return result, captured, cache
+
+
+def test_edit_run_directory(planted_edit):
+    result, captured, _ = planted_edit
+    out = result.run_dir
+    record = json.loads((out / "run.json").read_text())
+    assert {"input.png", "mask.png", "reconstruction.png", "best.png", "losses.png", "run.json", "steps",
+            "lora"} <= {p.name for p in out.iterdir()}
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    # input.png is the framed scene, mask.png the framed mask, reconstruction.png the inverted scene.
+    scene = square_crop(load_image(SCENE), RESOLUTION)
+    assert np.array_equal(np.asarray(Image.open(out / "input.png")), np.asarray(scene))
+    mask = np.asarray(Image.open(out / "mask.png")) > 127
+    assert np.array_equal(mask, result.mask[0, 0].numpy() > 0.5) and mask[8:24, 8:24].all() and mask.sum() == 256
+    assert torch.equal(pil_to_tensor(Image.open(out / "reconstruction.png")),
+                       pil_to_tensor(tensor_to_pil(captured.session.reconstruction)))
+    assert record["task"] == "edit"
+    assert record["labels"] == {"subject": {"text": "dog", "source": "user"},
+                                "input": {"text": "cat", "source": "user"}}
+    assert record["prompts"] == {"inversion": "a photo of a cat", "edit": "a photo of a dog"}
+    assert record["mask"]["source"] == "user" and record["mask"]["object_fraction"] == 0.25
+    inversion = record["inversion"]
+    assert inversion["sampler"] == "ddim" and inversion["timesteps"] == [749, 499, 249]
+    assert inversion["renoise"]["renoise_steps"] == 9 and inversion["renoise"]["lambda_ac"] == 0.0
+    assert inversion["residual"] == pytest.approx(result.inversion_residual, abs=1e-6)
+    assert record["config"]["bg_weight"] == 10.0 and record["config"]["strength"] == 0.75
+    assert record["guidance_scale"] == 1.0
+    for entry in record["losses"]:
+        assert {"step", "dino", "bg", "total"} <= set(entry)
+        assert entry["total"] == pytest.approx(entry["dino"] + 10.0 * entry["bg"], rel=1e-5)
+    assert [e.losses for e in captured.events] == [{k: v for k, v in e.items() if k != "seconds"}
+                                                   for e in record["losses"]]
+
+
+def test_background_loss_brings_the_background_back(planted_edit):
+    """With the background weighted, the optimised image keeps the scene's background better than the
+    first image did; the record's ``bg`` says so and the images agree."""
+    result, captured, _ = planted_edit
+    record = json.loads((result.run_dir / "run.json").read_text())
+    bg = [entry["bg"] for entry in record["losses"]]
+    assert record["best_step"] > 0 and bg[record["best_step"]] < 0.98 * bg[0], bg
+    scene = pil_to_tensor(Image.open(result.run_dir / "input.png"))
+    background = 1 - result.mask
+
+    def error(path):
+        return float(background_mse(pil_to_tensor(Image.open(path)), scene, background))
+
+    first, best = error(result.run_dir / "steps" / "0000.png"), error(result.run_dir / "best.png")
+    assert best < 0.98 * first
+    assert first == pytest.approx(bg[0], abs=2e-3) and best == pytest.approx(bg[record["best_step"]], abs=2e-3)
+
+
+def test_a_cached_backbone_comes_out_of_an_edit_untouched(planted_edit, sd_dir, dino_dir, subject_photo, tmp_path):
+    """Editing swaps in its own sampler for each render; a later generation on the same cached model
+    must still sample exactly what the plain pipeline does."""
+    _, _, cache = planted_edit
+    captured = Captured()
+    config = GenerateConfig(subjects=(subject_photo,), prompt="a photo of a dog", model=str(sd_dir),
+                            dino_model=str(dino_dir), resolution=RESOLUTION, device="cpu", max_steps=1)
+    run_generation(config, tmp_path / "run", cache=cache, on_step=captured.on_step)
+    pipe = DiffusionPipeline.from_pretrained(sd_dir)
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe("a photo of a dog", num_inference_steps=1, guidance_scale=0.0, height=RESOLUTION, width=RESOLUTION,
+                 generator=torch.Generator("cpu").manual_seed(42), output_type="pt").images
+    assert (captured.events[0].image - plain).abs().max().item() <= 1e-5
+
+
+def test_sdxl_edit_inverts_with_euler_ancestral(sdxl_dir, dino_dir, planted_mask, tmp_path):
+    config = edit_config(sdxl_dir, dino_dir, subject_class="dog", input_class="cat", mask=planted_mask, max_steps=2)
+    result = run_edit(config, tmp_path / "run")
+    inversion = result.record["inversion"]
+    assert inversion["sampler"] == "euler_ancestral" and inversion["renoise"]["noise_correction"] is True
+    assert inversion["renoise"]["lambda_ac"] == 20.0 and inversion["timesteps"] == [749, 499, 249]
+    assert len(result.history) == 2 and result.record["backbone"] == "StableDiffusionXLBackbone"
+
+
+# -- the command line -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def siso(monkeypatch, capsys):
+    """``siso(*argv) -> (exit code, output)``, in-process; the output never holds a traceback."""
+    monkeypatch.setattr(cli, "console", Console(stderr=True, width=10_000))
+
+    def run(*argv) -> tuple[int, str]:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["siso", *map(str, argv)])
+        code = 0
+        try:
+            cli.main()
+        except SystemExit as exit_:
+            code = exit_.code or 0
+        captured = capsys.readouterr()
+        output = captured.out + captured.err
+        assert "Traceback" not in output
+        return code, output
+
+    return run
+
+
+def edit_args(out, model_dir, dino_dir, *extra, **options):
+    values = {"subject": SUBJECT, "input": SCENE, "out": out, "model": model_dir, "dino_model": dino_dir,
+              "resolution": RESOLUTION, "device": "cpu", "max_steps": 1, **options}
+    argv = ["edit"]
+    for name, value in values.items():
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", value]
+    return [*argv, *extra]
+
+
+def test_edit_then_render_on_the_command_line(siso, tmp_path, sd_dir, dino_dir, labeller_dir, detector_dir,
+                                              segmenter_dir):
+    """Everything automatic: CLIP names both objects, Grounding DINO + SAM find the cat; then the
+    LoRA renders any prompt."""
+    out = tmp_path / "run"
+    code, output = siso(*edit_args(out, sd_dir, dino_dir, max_steps=2, lr=5e-3, label_model=labeller_dir,
+                                   detector_model=detector_dir, segmenter_model=segmenter_dir))
+    assert code == 0, output
+    assert "Subject: dog (recognised by CLIP, confidence" in output and "Replacing: cat (recognised by CLIP" in output
+    assert "Grounding DINO + SAM" in output and "Best iteration" in output and str(out / "mask.png") in output
+    assert {"input.png", "mask.png", "reconstruction.png", "best.png"} <= {p.name for p in out.iterdir()}
+    record = json.loads((out / "run.json").read_text())
+    for role, word in (("subject", "dog"), ("input", "cat")):
+        label = record["labels"][role]
+        assert (label["text"], label["source"], label["model"]) == (word, "auto", str(labeller_dir))
+        assert 0 < label["confidence"] <= 1
+    assert record["prompts"] == {"inversion": "a photo of a cat", "edit": "a photo of a dog"}
+    assert record["mask"]["source"] == "grounding_dino+sam" and record["mask"]["phrase"] == "a cat."
+    assert 0 < record["mask"]["object_fraction"] < 1 and len(record["losses"]) == 2
+    image = tmp_path / "dog.png"
+    code, output = siso("render", "--model", sd_dir, "--lora", out / "lora", "--prompt", "a dog on the beach",
+                        "--out", image, "--resolution", RESOLUTION, "--device", "cpu")
+    assert code == 0, output
+    assert Image.open(image).size == (RESOLUTION, RESOLUTION)
+
+
+def refused(siso, out, *words, **options) -> str:
+    """Exit code 2, one ``Error:`` line holding ``words``, and no run directory left behind."""
+    code, output = siso(*edit_args(out, options.pop("model"), options.pop("dino_model"), **options))
+    assert code == 2, output
+    lines = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, output
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert not out.exists()
+    return lines[0]
+
+
+@pytest.fixture
+def refuse(siso, tmp_path, sd_dir, dino_dir):
+    def run(*words, **options):
+        options = {"subject_class": "dog", "input_class": "cat", "model": sd_dir, "dino_model": dino_dir, **options}
+        return refused(siso, tmp_path / "run", *words, **options)
+
+    return run
+
+
+def test_mask_of_the_wrong_size(refuse, tmp_path, scene_size):
+    path = tmp_path / "small.png"
+    Image.new("L", (100, 80), 255).save(path)
+    refuse(str(path), "100x80 pixels", f"{scene_size[0]}x{scene_size[1]}", mask=path)
+
+
+@pytest.mark.parametrize("value,words", [(0, "empty (all background)"), (255, "covers the whole image")])
+def test_all_black_or_all_white_mask(refuse, tmp_path, scene_size, value, words):
+    path = tmp_path / "mask.png"
+    Image.new("L", scene_size, value).save(path)
+    refuse(str(path), words, mask=path)
+
+
+def test_unreadable_scene(refuse, tmp_path):
+    fake = tmp_path / "scene.jpg"
+    fake.write_text("not a photo\n")
+    refuse("scene photo", str(fake), "not an image format", input=fake)
+
+
+def test_missing_subject(refuse, tmp_path):
+    refuse("subject photo", "does not exist", subject=tmp_path / "no-dog.jpg")
+
+
+def test_nothing_found(refuse, detector_dir, segmenter_dir):
+    refuse('no "cat"', "--box-threshold 0.6", "--input-class", "--mask", detector_model=detector_dir,
+           segmenter_model=segmenter_dir, box_threshold=0.6)
+
+
+@pytest.mark.parametrize("flag,value,words", [
+    ("strength", 0.2, "leaves no denoising step"), ("bg_weight", -1, "--bg-weight must be >= 0"),
+    ("subject_class", " ", "--subject-class is empty"), ("box_threshold", 1.5, "--box-threshold must be in [0, 1]"),
+])
+def test_bad_numbers_and_words(refuse, flag, value, words):
+    refuse(words, **{flag: value})
+
+
+def test_editing_refuses_a_transformer_backbone(refuse, tmp_path):
+    folder = tmp_path / "flux"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
+                                                         "_diffusers_version": "0.42.1"}))
+    refuse("Editing runs on Stable Diffusion and SDXL", "FluxPipeline", "stabilityai/sd-turbo", model=folder)
