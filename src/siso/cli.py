@@ -60,13 +60,13 @@ def generate(
     seed: Seed = 42,
     resolution: Resolution = 512,
     max_steps: MaxSteps = 50,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate [default: the backbone's, 2e-4].")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default: the backbone's, 2e-4).")] = None,
     early_stop_pct: EarlyStopPct = 3.0,
     early_stop_patience: Annotated[
-        int | None, typer.Option(help="Stop after this many iterations without one [default: 7].")
+        int | None, typer.Option(help="Stop after this many iterations without one (default: 7).")
     ] = None,
-    denoise_steps: Annotated[int | None, typer.Option(help="Denoising steps per iteration [default: 1].")] = None,
-    grad_steps: Annotated[int | None, typer.Option(help="How many final steps carry gradients [default: 1].")] = None,
+    denoise_steps: Annotated[int | None, typer.Option(help="Denoising steps per iteration (default: 1).")] = None,
+    grad_steps: Annotated[int | None, typer.Option(help="How many final steps carry gradients (default: 1).")] = None,
     lora_rank: LoraRank = 4,
     train_text_encoder: Annotated[bool, typer.Option(help="Also put LoRA on the text encoder(s).")] = False,
     dino_model: DinoModel = DEFAULT_DINO_MODEL,
@@ -102,7 +102,7 @@ def render(
     prompt: Annotated[str, typer.Option(help="Any prompt; name the subject's class, e.g. 'a dog in the snow'.")],
     out: Annotated[Path, typer.Option(help="PNG file to write.")],
     lora: Annotated[Path | None, typer.Option(help="The lora/ directory of a siso run.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps [default: the backbone's, 4].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the backbone's, 4).")] = None,
     seed: Seed = 42,
     resolution: Resolution = 512,
     device: Device = "auto",
