@@ -30,7 +30,7 @@ LoraRank = Annotated[int, typer.Option(help="LoRA rank (alpha equals it).")]
 DinoModel = Annotated[str, typer.Option(help="DINOv2 Hub id or directory.")]
 IrModel = Annotated[str | None, typer.Option(help="IR model directory made by `siso convert-ir` (adds the IR loss).")]
 Similarity = Annotated[
-    str | None, typer.Option(help="Comma-separated: dino, ir [default: dino,ir with --ir-model, else dino].")
+    str | None, typer.Option(help="Comma-separated: dino, ir (default: dino,ir with --ir-model, else dino).")
 ]
 Overwrite = Annotated[bool, typer.Option(help="Write into a non-empty --out (siso's files are replaced).")]
 LoraFormat = Annotated[list[str], typer.Option(help="diffusers (always written) and/or kohya (ComfyUI/A1111).")]

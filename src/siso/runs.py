@@ -104,7 +104,7 @@ def plot_losses(history: list[dict[str, float]], best_step: int | None, path: Pa
     if best_step is not None:
         axis.axvline(best_step, color="grey", linestyle="--", linewidth=1, label=f"best ({best_step})")
     axis.set_xlabel("iteration")
-    axis.set_ylabel("loss (1 - cosine)")
+    axis.set_ylabel("loss")
     axis.legend(loc="upper right", fontsize=8)
     axis.grid(alpha=0.3)
     figure.tight_layout()
