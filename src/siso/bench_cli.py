@@ -46,7 +46,7 @@ def bench(
     cmmd_model: Annotated[str, typer.Option(help="CLIP for CMMD.")] = _DEFAULT_CMMD,
     detector_model: Annotated[str, typer.Option(
         help="Grounding DINO that crops images to the subject for DINO/IR/CLIP-I.")] = _DEFAULT_DETECTOR,
-    no_crop: Annotated[bool, typer.Option(help="Compare whole images (no Grounding DINO).")] = False,
+    no_crop: Annotated[bool, typer.Option("--no-crop", help="Compare whole images (no Grounding DINO).")] = False,
     fid_features: Annotated[str, typer.Option(
         help="FID/KID features: inception (as in the paper; needs torch-fidelity), dino or clip.")] = "inception",
     inception_weights: Annotated[Path | None, typer.Option(

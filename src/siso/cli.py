@@ -54,7 +54,7 @@ def generate(
     subject: Annotated[list[Path], typer.Option(help="Photo of the subject; repeat for several photos.")],
     prompt: Annotated[str, typer.Option(help='A simple prompt naming the subject, e.g. "a photo of a dog".')],
     out: Annotated[Path, typer.Option(help="Run directory to write (must be new or empty).")],
-    model: Annotated[str, typer.Option(help="Hub id or directory of a diffusers SD/SDXL pipeline.")] = (
+    model: Annotated[str, typer.Option(help="Hub id or directory of a diffusers SD, SDXL, FLUX or Sana pipeline.")] = (
         DEFAULT_GENERATION_MODEL
     ),
     seed: Seed = 42,
