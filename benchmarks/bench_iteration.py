@@ -44,10 +44,12 @@ class Setting:
     name: str
     dtype: torch.dtype
     train_text_encoder: bool
+    low_memory: bool = False
 
 
 DEFAULT = Setting("default (bf16 frozen, fp32 LoRA, prompt encoded once)", torch.bfloat16, False)
 NAIVE = Setting("naive (fp32, text-encoder LoRA)", torch.float32, True)
+LOW_MEMORY = Setting("low-memory (default + checkpointed denoiser and VAE decoder)", torch.bfloat16, False, True)
 
 
 def build_pipeline(backbone: str, tiny: bool, device: torch.device, dtype: torch.dtype):
@@ -112,6 +114,7 @@ def measure(backbone_name: str, setting: Setting, args, subject: Path, device: t
         subjects=(subject,), prompt="a photo of a dog", model=backbone_name, dino_model="dinov2-large",
         ir_model="ir", resolution=args.resolution, max_steps=args.iterations + 1,
         early_stop_patience=args.iterations + 10, train_text_encoder=setting.train_text_encoder,
+        low_memory=setting.low_memory,
         device=device.type, dtype={torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype],
     )
     if device.type == "cuda":
@@ -174,10 +177,12 @@ def main() -> None:
         for backbone in args.backbones.split(","):
             naive = measure(backbone, NAIVE, args, subject, device)
             default = measure(backbone, DEFAULT, args, subject, device)
-            default["speedup_vs_naive"] = naive["median_seconds_per_iteration"] / default["median_seconds_per_iteration"]
+            naive_seconds = naive["median_seconds_per_iteration"]
+            default["speedup_vs_naive"] = naive_seconds / default["median_seconds_per_iteration"]
             if naive["peak_gpu_memory_gib"]:
                 default["memory_ratio_vs_naive"] = default["peak_gpu_memory_gib"] / naive["peak_gpu_memory_gib"]
-            results += [default, naive]
+            low_memory = measure(backbone, LOW_MEMORY, args, subject, device)
+            results += [default, low_memory, naive]
             print(json.dumps(default, indent=1), flush=True)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     report = {

@@ -24,5 +24,6 @@ def test_tiny_benchmark_runs_and_reports(tmp_path):
         assert result["iterations"] == 3
         assert result["median_seconds_per_iteration"] > 0 and result["seconds_to_first_iteration"] > 0
         assert result["tflop_per_iteration"] > 0
+    assert {r["setting"].split(" ")[0] for r in report["results"]} == {"default", "low-memory", "naive"}
     defaults = [r for r in report["results"] if r["setting"].startswith("default")]
     assert all(r["speedup_vs_naive"] > 0 for r in defaults)

@@ -69,6 +69,9 @@ def generate(
     grad_steps: Annotated[int | None, typer.Option(help="How many final steps carry gradients (default: 1).")] = None,
     lora_rank: LoraRank = 4,
     train_text_encoder: Annotated[bool, typer.Option(help="Also put LoRA on the text encoder(s).")] = False,
+    low_memory: Annotated[
+        bool, typer.Option(help="Gradient checkpointing in the denoiser and VAE decoder: less memory, ~1/3 slower.")
+    ] = False,
     dino_model: DinoModel = DEFAULT_DINO_MODEL,
     ir_model: IrModel = None,
     similarity: Similarity = None,
@@ -86,7 +89,8 @@ def generate(
         subjects=tuple(subject), prompt=prompt, model=model, seed=seed, resolution=resolution,
         max_steps=max_steps, learning_rate=lr, early_stop_pct=early_stop_pct,
         early_stop_patience=early_stop_patience, denoise_steps=denoise_steps, grad_steps=grad_steps,
-        lora_rank=lora_rank, train_text_encoder=train_text_encoder, dino_model=dino_model, ir_model=ir_model,
+        lora_rank=lora_rank, train_text_encoder=train_text_encoder, low_memory=low_memory,
+        dino_model=dino_model, ir_model=ir_model,
         similarity=_split_similarity(similarity), device=device, dtype=dtype, lora_format=formats,
     )
     similarity_hint(similarity, ir_model)

@@ -51,6 +51,7 @@ class GenerateConfig:
     grad_steps: int | None = None
     lora_rank: int = 4
     train_text_encoder: bool = False
+    low_memory: bool = False  # gradient checkpointing in the denoiser and the VAE decoder
     dino_model: str = DEFAULT_DINO_MODEL
     ir_model: str | None = None
     similarity: tuple[str, ...] | None = None  # None: dino, plus ir when ir_model is set

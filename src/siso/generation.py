@@ -94,6 +94,8 @@ def prepare_generation(config: GenerateConfig, status: Status = _quiet,
         weights = {"dino": config.dino_weight, "ir": config.ir_weight}
         loss = SimilarityLoss(models, {n: weights[n] for n in models}, [pil_to_tensor(s) for s in subjects])
         params = attach_lora(backbone, config.lora_rank, config.train_text_encoder, config.seed)
+        if config.low_memory:
+            backbone.enable_low_memory()
         render_fn = _make_render(backbone, config)
     optimization = Optimization(
         render=render_fn,
