@@ -58,3 +58,32 @@ def subject_photo() -> Path:
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def run_siso(monkeypatch, capsys):
+    """``run_siso(*argv) -> (exit code, output)``: the CLI in-process, through ``main()`` (so its
+    error handling and exit codes are what is tested). The output must never hold a traceback."""
+    import sys
+
+    from rich.console import Console
+
+    from siso import cli
+
+    # Off a terminal rich wraps at 80 columns, which would split messages (and paths) across lines.
+    monkeypatch.setattr(cli, "console", Console(stderr=True, width=10_000))
+
+    def run(*argv) -> tuple[int, str]:
+        capsys.readouterr()  # drop whatever fixtures printed
+        monkeypatch.setattr(sys, "argv", ["siso", *map(str, argv)])
+        code = 0
+        try:
+            cli.main()
+        except SystemExit as exit_:
+            code = exit_.code or 0
+        captured = capsys.readouterr()
+        output = captured.out + captured.err
+        assert "Traceback" not in output
+        return code, output
+
+    return run

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,31 +16,16 @@ import pytest
 import torch
 from conftest import RESOLUTION
 from PIL import Image
-from rich.console import Console
 
-from siso import cli
 from siso.similarity.loss import SimilarityLoss
 
 PROMPT = "a photo of a dog"
 
 
 @pytest.fixture
-def siso(monkeypatch, capsys):
-    """``siso(*argv) -> (exit code, output)``; the output must never hold a traceback."""
-    # Off a terminal rich wraps at 80 columns, which would split messages (and paths) across lines.
-    monkeypatch.setattr(cli, "console", Console(stderr=True, width=10_000))
-
-    def run(*argv) -> tuple[int, str]:
-        capsys.readouterr()  # drop whatever fixtures printed
-        monkeypatch.setattr(sys, "argv", ["siso", *map(str, argv)])
-        with pytest.raises(SystemExit) as info:
-            cli.main()
-        captured = capsys.readouterr()
-        output = captured.out + captured.err
-        assert "Traceback" not in output
-        return info.value.code, output
-
-    return run
+def siso(run_siso):
+    """``siso(*argv) -> (exit code, output)``: conftest's ``run_siso``."""
+    return run_siso
 
 
 def error_line(code: int, output: str, *words: str) -> str:

@@ -18,7 +18,6 @@ pytest.importorskip("torchmetrics")
 
 from test_eval_metrics import tiny_clip_dir, tiny_grounding_dino_dir  # noqa: E402
 
-from siso import cli  # noqa: E402
 from siso.errors import SisoError  # noqa: E402
 from siso.eval import runner as runner_module  # noqa: E402
 from siso.eval.executors import Outcome  # noqa: E402
@@ -31,15 +30,6 @@ SUBJECTS = {"dog": ("dog", ["a dog in the jungle", "a dog on the beach"]),
             "cat": ("cat", ["a cat in the snow", "a red cat"])}
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["siso", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 @pytest.fixture(scope="module")
@@ -153,15 +143,15 @@ def test_summary_agrees_with_results(resumed_run):
     assert "DINO ↑" in markdown and "FID ↓" in markdown and "peak resident memory" in markdown
 
 
-def test_rerun_with_other_settings_is_refused(monkeypatch, capsys, resumed_run, manifest, sd_dir, dino_dir,
+def test_rerun_with_other_settings_is_refused(run_siso, monkeypatch, resumed_run, manifest, sd_dir, dino_dir,
                                               eval_dirs):
     args = bench_args(manifest, resumed_run["out"], sd_dir, dino_dir, eval_dirs)
     args[args.index("--max-steps") + 1] = "3"
-    code, text = run_cli(monkeypatch, capsys, *args)
+    code, text = run_siso(*args)
     assert code == 2 and "different settings" in text and "options.max_steps 2 -> 3" in " ".join(text.split())
 
 
-def test_ray_executor_gives_the_local_results(monkeypatch, capsys, tmp_path, resumed_run, manifest, sd_dir,
+def test_ray_executor_gives_the_local_results(run_siso, monkeypatch, tmp_path, resumed_run, manifest, sd_dir,
                                                dino_dir, eval_dirs):
     pytest.importorskip("ray")
     # The same two subjects, plus one whose photo is not an image: retried once, then recorded as failed.
@@ -172,7 +162,7 @@ def test_ray_executor_gives_the_local_results(monkeypatch, capsys, tmp_path, res
     ray_manifest = write_manifest(items, tmp_path / "manifest.jsonl")
     out = tmp_path / "ray"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, text = run_cli(monkeypatch, capsys, *bench_args(ray_manifest, out, sd_dir, dino_dir, eval_dirs,
+    code, text = run_siso(*bench_args(ray_manifest, out, sd_dir, dino_dir, eval_dirs,
                                                           "--executor", "ray", "--workers", "2"))
     assert code == 0, text
     records = {r["id"]: r for r in read_results(out)}
@@ -256,18 +246,18 @@ def test_dreambench_manifest_from_the_real_file():
     assert [i.to_record() for i in dreambench_items(DREAMBENCH.parent)] == [i.to_record() for i in items]
 
 
-def test_dreambench_option_mistakes(monkeypatch, capsys, tmp_path):
+def test_dreambench_option_mistakes(run_siso, monkeypatch, tmp_path):
     out = tmp_path / "out"
-    code, text = run_cli(monkeypatch, capsys, "bench", "--dreambench", str(DREAMBENCH), "--out", str(out),
+    code, text = run_siso("bench", "--dreambench", str(DREAMBENCH), "--out", str(out),
                          "--subjects", "dog,cat", "--max-prompts", "3", "--task", "edit")
     assert code == 2 and 'has no "scene"' in text  # DreamBooth's manifest is for generation
-    code, text = run_cli(monkeypatch, capsys, "bench", "--dreambench", str(DREAMBENCH), "--out", str(out),
+    code, text = run_siso("bench", "--dreambench", str(DREAMBENCH), "--out", str(out),
                          "--task", "edit", "--baseline", "plain")
     assert code == 2 and "--baseline plain is for --task generate" in text
-    code, text = run_cli(monkeypatch, capsys, "bench", "--dreambench", str(DREAMBENCH), "--out", str(out),
+    code, text = run_siso("bench", "--dreambench", str(DREAMBENCH), "--out", str(out),
                          "--subjects", "unicorn")
     assert code == 2 and "unicorn" in text
-    code, text = run_cli(monkeypatch, capsys, "bench", "--out", str(out))
+    code, text = run_siso("bench", "--out", str(out))
     assert code == 2 and "--dreambench" in text
 
 
@@ -291,11 +281,11 @@ def test_manifest_mistakes_are_reported(tmp_path, subject_photo):
         run_bench(items, BenchSettings(options={"device": "cpu"}), tmp_path / "out")
 
 
-def test_fid_default_needs_torch_fidelity(monkeypatch, capsys, tmp_path, manifest):
+def test_fid_default_needs_torch_fidelity(run_siso, monkeypatch, tmp_path, manifest):
     try:
         import torch_fidelity  # noqa: F401
     except ImportError:
-        code, text = run_cli(monkeypatch, capsys, "bench", str(manifest), "--out", str(tmp_path / "out"),
+        code, text = run_siso("bench", str(manifest), "--out", str(tmp_path / "out"),
                              "--baseline", "plain")
         assert code == 2 and "torch-fidelity" in text and not (tmp_path / "out").exists()
     else:  # pragma: no cover - environments with torch-fidelity

@@ -15,19 +15,7 @@ from conftest import RESOLUTION
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from siso import cli
 from siso.images import pil_to_tensor
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["siso", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 def generate_args(model_dir, dino_dir, subject, out, *extra):
@@ -36,9 +24,9 @@ def generate_args(model_dir, dino_dir, subject, out, *extra):
             "--device", "cpu", *extra]
 
 
-def test_generate_then_render(monkeypatch, capsys, tmp_path, sd_dir, dino_dir, subject_photo):
+def test_generate_then_render(run_siso, monkeypatch, tmp_path, sd_dir, dino_dir, subject_photo):
     out = tmp_path / "run"
-    code, text = run_cli(monkeypatch, capsys, *generate_args(sd_dir, dino_dir, subject_photo, out,
+    code, text = run_siso(*generate_args(sd_dir, dino_dir, subject_photo, out,
                                                               "--max-steps", "4", "--lr", "5e-3"))
     assert code == 0, text
     assert "DINO only" in text and "Best iteration" in text
@@ -48,7 +36,7 @@ def test_generate_then_render(monkeypatch, capsys, tmp_path, sd_dir, dino_dir, s
 
     # Second stage, with the same seed and one step: exactly the best image again.
     image_path = tmp_path / "again.png"
-    code, text = run_cli(monkeypatch, capsys, "render", "--model", str(sd_dir), "--lora", str(out / "lora"),
+    code, text = run_siso("render", "--model", str(sd_dir), "--lora", str(out / "lora"),
                          "--prompt", "a photo of a dog", "--out", str(image_path), "--steps", "1",
                          "--resolution", str(RESOLUTION), "--device", "cpu")
     assert code == 0, text
@@ -57,7 +45,7 @@ def test_generate_then_render(monkeypatch, capsys, tmp_path, sd_dir, dino_dir, s
     assert torch.equal(rendered, best)
 
     # Any prompt and more steps: an image, and a different one from the untouched model's.
-    code, text = run_cli(monkeypatch, capsys, "render", "--model", str(sd_dir), "--lora", str(out / "lora"),
+    code, text = run_siso("render", "--model", str(sd_dir), "--lora", str(out / "lora"),
                          "--prompt", "a dog on the beach", "--out", str(tmp_path / "beach.png"),
                          "--resolution", str(RESOLUTION), "--device", "cpu")
     assert code == 0, text
@@ -69,17 +57,17 @@ def test_generate_then_render(monkeypatch, capsys, tmp_path, sd_dir, dino_dir, s
     assert beach.shape == plain.shape and (beach - plain).abs().max() > 1 / 255
 
 
-def test_overwrite_keeps_foreign_files(monkeypatch, capsys, tmp_path, sd_dir, dino_dir, subject_photo):
+def test_overwrite_keeps_foreign_files(run_siso, monkeypatch, tmp_path, sd_dir, dino_dir, subject_photo):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    code, text = run_cli(monkeypatch, capsys, *generate_args(sd_dir, dino_dir, subject_photo, out,
+    code, text = run_siso(*generate_args(sd_dir, dino_dir, subject_photo, out,
                                                               "--max-steps", "1", "--overwrite"))
     assert code == 0, text
     assert (out / "notes.txt").read_text() == "mine" and (out / "best.png").is_file()
 
 
-def test_nan_loss_stops_and_keeps_the_best(monkeypatch, capsys, tmp_path, sd_dir, dino_dir, subject_photo):
+def test_nan_loss_stops_and_keeps_the_best(run_siso, monkeypatch, tmp_path, sd_dir, dino_dir, subject_photo):
     from siso.similarity import loss as loss_module
 
     original = loss_module.SimilarityLoss.forward
@@ -94,7 +82,7 @@ def test_nan_loss_stops_and_keeps_the_best(monkeypatch, capsys, tmp_path, sd_dir
 
     monkeypatch.setattr(loss_module.SimilarityLoss, "forward", forward_with_nan)
     out = tmp_path / "run"
-    code, text = run_cli(monkeypatch, capsys, *generate_args(sd_dir, dino_dir, subject_photo, out,
+    code, text = run_siso(*generate_args(sd_dir, dino_dir, subject_photo, out,
                                                               "--max-steps", "10", "--lr", "5e-3"))
     assert code == 0, text
     record = json.loads((out / "run.json").read_text())
@@ -130,9 +118,9 @@ def test_ctrl_c_stops_after_the_current_iteration(tmp_path, sd_dir, dino_dir, su
 
 
 @pytest.mark.parametrize("fmt", ["kohya"])
-def test_lora_format_flag(monkeypatch, capsys, tmp_path, sd_dir, dino_dir, subject_photo, fmt):
+def test_lora_format_flag(run_siso, monkeypatch, tmp_path, sd_dir, dino_dir, subject_photo, fmt):
     out = tmp_path / "run"
-    code, text = run_cli(monkeypatch, capsys, *generate_args(sd_dir, dino_dir, subject_photo, out,
+    code, text = run_siso(*generate_args(sd_dir, dino_dir, subject_photo, out,
                                                               "--max-steps", "1", "--lora-format", fmt))
     assert code == 0, text
     assert sorted(p.name for p in (out / "lora").iterdir()) == [

@@ -4,7 +4,6 @@ labels and mask, SDXL's ancestral sampler, the CLI, and the CLI's answers to bad
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -13,9 +12,7 @@ import torch
 from conftest import DREAMBENCH, RESOLUTION
 from diffusers import DiffusionPipeline
 from PIL import Image
-from rich.console import Console
 
-from siso import cli
 from siso.config import EditConfig, GenerateConfig
 from siso.editing import background_mse, run_edit
 from siso.generation import run_generation
@@ -171,24 +168,9 @@ def test_sdxl_edit_inverts_with_euler_ancestral(sdxl_dir, dino_dir, planted_mask
 
 
 @pytest.fixture
-def siso(monkeypatch, capsys):
-    """``siso(*argv) -> (exit code, output)``, in-process; the output never holds a traceback."""
-    monkeypatch.setattr(cli, "console", Console(stderr=True, width=10_000))
-
-    def run(*argv) -> tuple[int, str]:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["siso", *map(str, argv)])
-        code = 0
-        try:
-            cli.main()
-        except SystemExit as exit_:
-            code = exit_.code or 0
-        captured = capsys.readouterr()
-        output = captured.out + captured.err
-        assert "Traceback" not in output
-        return code, output
-
-    return run
+def siso(run_siso):
+    """``siso(*argv) -> (exit code, output)``: conftest's ``run_siso``."""
+    return run_siso
 
 
 def edit_args(out, model_dir, dino_dir, *extra, **options):

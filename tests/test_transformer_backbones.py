@@ -9,7 +9,6 @@ refusals, and the command line end to end.
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import tiny_transformers
@@ -19,7 +18,6 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from siso import cli
 from siso.backbones import backbone_class_for, load_backbone, render
 from siso.config import GenerateConfig
 from siso.errors import SisoError
@@ -331,20 +329,11 @@ def test_kohya_files_are_refused(name, flux_dir, sana_dir, dino_dir, subject_pho
 # -- the command line ------------------------------------------------------------------------------
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["siso", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
-def test_cli_generate_then_render_with_flux(monkeypatch, capsys, tmp_path, flux_dir, dino_dir, subject_photo):
+def test_cli_generate_then_render_with_flux(run_siso, monkeypatch, tmp_path, flux_dir, dino_dir, subject_photo):
     out = tmp_path / "run"
-    code, text = run_cli(monkeypatch, capsys, "generate", "--subject", str(subject_photo), "--prompt", PROMPT,
+    code, text = run_siso("generate", "--subject", str(subject_photo), "--prompt", PROMPT,
                          "--out", str(out), "--model", str(flux_dir), "--dino-model", str(dino_dir),
                          "--resolution", str(RESOLUTION), "--device", "cpu", "--max-steps", "3", "--lr", "5e-3",
                          "--train-text-encoder")
@@ -355,7 +344,7 @@ def test_cli_generate_then_render_with_flux(monkeypatch, capsys, tmp_path, flux_
 
     # The same seed and one step: exactly the best image again, through the plain pipeline.
     again = tmp_path / "again.png"
-    code, text = run_cli(monkeypatch, capsys, "render", "--model", str(flux_dir), "--lora", str(out / "lora"),
+    code, text = run_siso("render", "--model", str(flux_dir), "--lora", str(out / "lora"),
                          "--prompt", PROMPT, "--out", str(again), "--steps", "1", "--resolution", str(RESOLUTION),
                          "--device", "cpu")
     assert code == 0, text
@@ -363,16 +352,16 @@ def test_cli_generate_then_render_with_flux(monkeypatch, capsys, tmp_path, flux_
 
     # Any prompt with the preset's 4 steps.
     beach = tmp_path / "beach.png"
-    code, text = run_cli(monkeypatch, capsys, "render", "--model", str(flux_dir), "--lora", str(out / "lora"),
+    code, text = run_siso("render", "--model", str(flux_dir), "--lora", str(out / "lora"),
                          "--prompt", "a dog on the beach", "--out", str(beach), "--resolution", str(RESOLUTION),
                          "--device", "cpu")
     assert code == 0, text
     assert Image.open(beach).size == (RESOLUTION, RESOLUTION)
 
 
-def test_cli_render_with_sana_uses_guidance_and_the_requested_size(monkeypatch, capsys, tmp_path, sana_dir):
+def test_cli_render_with_sana_uses_guidance_and_the_requested_size(run_siso, monkeypatch, tmp_path, sana_dir):
     out = tmp_path / "sana.png"
-    code, text = run_cli(monkeypatch, capsys, "render", "--model", str(sana_dir), "--prompt", PROMPT,
+    code, text = run_siso("render", "--model", str(sana_dir), "--prompt", PROMPT,
                          "--out", str(out), "--steps", "3", "--resolution", str(RESOLUTION), "--device", "cpu")
     assert code == 0, text
     rendered = pil_to_tensor(Image.open(out))
@@ -380,8 +369,8 @@ def test_cli_render_with_sana_uses_guidance_and_the_requested_size(monkeypatch, 
     assert rendered.shape == expected.shape and (rendered - expected).abs().max().item() <= 1 / 255 + 1e-6
 
 
-def test_cli_refuses_text_encoder_lora_for_sana(monkeypatch, capsys, tmp_path, sana_dir, dino_dir, subject_photo):
-    code, text = run_cli(monkeypatch, capsys, "generate", "--subject", str(subject_photo), "--prompt", PROMPT,
+def test_cli_refuses_text_encoder_lora_for_sana(run_siso, monkeypatch, tmp_path, sana_dir, dino_dir, subject_photo):
+    code, text = run_siso("generate", "--subject", str(subject_photo), "--prompt", PROMPT,
                          "--out", str(tmp_path / "run"), "--model", str(sana_dir), "--dino-model", str(dino_dir),
                          "--resolution", str(RESOLUTION), "--device", "cpu", "--train-text-encoder")
     assert code == 2, text
