@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,11 @@ from .config import EditConfig
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import SisoError
 from .files import write_png
-from .generation import GenerateResult, GenerationRun, Status, _out_of_memory_as_error, _quiet
+from .generation import GenerateResult, GenerationRun, SessionControls, Status, _out_of_memory_as_error, _quiet
 from .images import load_image, pil_to_tensor, tensor_to_pil, working_copy
 from .inversion import Inversion, ReNoiseSettings, inversion_residual, invert
 from .labels import ClipLabeller, Label, user_label
-from .lora import LoraState, attach_lora, save_lora, snapshot_lora
+from .lora import attach_lora, snapshot_lora
 from .masks import ObjectFinder, ObjectMask, load_user_mask, square_crop
 from .models import ModelCache
 from .optimize import LoopSettings, Optimization, StepEvent
@@ -69,8 +69,8 @@ class EditLoss(nn.Module):
 
 
 @dataclass
-class EditSession:
-    """A prepared edit: iterate it to optimise (``for event in session``)."""
+class EditSession(SessionControls):
+    """A prepared edit."""
 
     config: EditConfig  # resolved
     backbone: Backbone
@@ -85,18 +85,6 @@ class EditSession:
     reconstruction: torch.Tensor  # the inverted scene rendered back with the untouched model
     residual: float
     setup_seconds: float = 0.0
-
-    def __iter__(self) -> Iterator[StepEvent]:
-        return iter(self.optimization)
-
-    def request_stop(self) -> None:
-        self.optimization.request_stop()
-
-    def save_lora(self, directory: str | Path) -> Path:
-        state: LoraState = self.optimization.best_lora
-        if state is None:
-            raise SisoError("No iteration finished, so there is no LoRA to save yet.")
-        return save_lora(self.backbone, state, directory, self.config.lora_format)
 
     @property
     def prompts(self) -> dict[str, str]:

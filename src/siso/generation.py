@@ -34,17 +34,13 @@ def _quiet(message: str) -> None:
     pass
 
 
-@dataclass
-class GenerationSession:
-    """A prepared generation: iterate it to optimise (``for event in session``)."""
+class SessionControls:
+    """What every prepared session (generation, editing) offers: iterate it to optimise
+    (``for event in session``), stop it, save its best LoRA."""
 
-    config: GenerateConfig  # resolved: no None knobs left
+    config: Any
     backbone: Backbone
-    loss: SimilarityLoss
     optimization: Optimization
-    device: torch.device
-    dtype: torch.dtype
-    setup_seconds: float = 0.0
 
     def __iter__(self) -> Iterator[StepEvent]:
         return iter(self.optimization)
@@ -57,6 +53,19 @@ class GenerationSession:
         if state is None:
             raise SisoError("No iteration finished, so there is no LoRA to save yet.")
         return save_lora(self.backbone, state, directory, self.config.lora_format)
+
+
+@dataclass
+class GenerationSession(SessionControls):
+    """A prepared generation."""
+
+    config: GenerateConfig  # resolved: no None knobs left
+    backbone: Backbone
+    loss: SimilarityLoss
+    optimization: Optimization
+    device: torch.device
+    dtype: torch.dtype
+    setup_seconds: float = 0.0
 
     def record(self) -> dict[str, Any]:
         return {
