@@ -35,8 +35,8 @@ def served_app(sd_dir, dino_dir, tmp_path_factory):
     from siso.app import AppSettings, build_app
 
     runs = tmp_path_factory.mktemp("app-runs")
-    settings = AppSettings(model=str(sd_dir), dino_model=str(dino_dir), resolution=RESOLUTION, max_steps=400,
-                           device="cpu", runs_dir=runs)
+    settings = AppSettings(model=str(sd_dir), edit_model=str(sd_dir), dino_model=str(dino_dir),
+                           resolution=RESOLUTION, max_steps=400, device="cpu", runs_dir=runs)
     demo = build_app(settings)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
@@ -150,3 +150,39 @@ def test_two_sessions_share_the_gpu_queue(served_app, browser, subject_photo):
     # Each tab shows its own run.
     assert str(by_reason["interrupted"][0]) in status_text(first)
     assert str(by_reason["max_steps"][0]) in status_text(second)
+
+
+def test_edit_tab_shows_the_mask_and_streams_the_edit(served_app, browser, tmp_path):
+    """The Edit tab in the browser: subject, scene and mask in, the overlay and iterations out."""
+    import numpy as np
+    from conftest import DREAMBENCH
+
+    url, runs = served_app
+    scene = DREAMBENCH / "cat" / "00.jpg"
+    width, height = Image.open(scene).size
+    mask = np.zeros((height, width), np.uint8)
+    mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
+    mask_path = tmp_path / "mask.png"
+    Image.fromarray(mask).save(mask_path)
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    page.goto(url)
+    page.click("button[role=tab]:has-text('Edit')")
+    uploads = [("#edit-subject", DREAMBENCH / "dog" / "00.jpg"), ("#edit-scene", scene), ("#edit-mask", mask_path)]
+    for selector, path in uploads:
+        page.set_input_files(f"{selector} input[type=file]", str(path))
+        page.wait_for_selector(f"{selector} img", timeout=30_000)
+    page.get_by_label("Subject class (empty: recognised)").fill("dog")
+    page.get_by_label("Object to replace (empty: recognised)").fill("cat")
+    page.click("#edit-start")
+    page.wait_for_function("document.querySelector('#edit-status').innerText.includes('Finished')",
+                           timeout=180_000)
+    assert page.locator("#edit-overlay img").count() == 1
+    assert page.locator("#edit-iterations img").count() >= 2
+    page.screenshot(path=str(ARTIFACTS / "app-edit.png"), full_page=True)
+    (run_dir,) = [p for p in runs.iterdir() if p.is_dir() and "-edit-" in p.name]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["stop_reason"] in ("max_steps", "early_stop")
+    assert all("bg" in entry for entry in record["losses"])
+    assert {"input.png", "mask.png", "reconstruction.png", "best.png"} <= {p.name for p in run_dir.iterdir()}
+    page.close()

@@ -16,8 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
-from .config import DEFAULT_DINO_MODEL, DEFAULT_GENERATION_MODEL, GenerateConfig, RenderConfig
+from .config import (
+    DEFAULT_DINO_MODEL,
+    DEFAULT_EDITING_MODEL,
+    DEFAULT_GENERATION_MODEL,
+    GenerateConfig,
+    RenderConfig,
+)
 from .errors import SisoError
 from .files import write_png
 from .generation import GenerationRun, start_generation
@@ -36,6 +43,7 @@ class AppSettings:
     """What ``siso app`` was started with; the defaults shown in the page."""
 
     model: str = DEFAULT_GENERATION_MODEL
+    edit_model: str = DEFAULT_EDITING_MODEL
     dino_model: str = DEFAULT_DINO_MODEL
     ir_model: str | None = None
     resolution: int = 512
@@ -62,8 +70,9 @@ class SisoApp:
         self.cache = cache or ModelCache()
         self.sessions: dict[str, BrowserSession] = {}
 
-    def session(self, request: gr.Request) -> BrowserSession:
-        key = request.session_hash or "anonymous"
+    def session(self, request: gr.Request, tab: str = "generate") -> BrowserSession:
+        """The state of one tab (generate or edit) of one browser session."""
+        key = f"{request.session_hash or 'anonymous'}/{tab}"
         return self.sessions.setdefault(key, BrowserSession())
 
     def new_run_dir(self, kind: str) -> Path:
@@ -91,30 +100,66 @@ class SisoApp:
             raise gr.Error(str(err)) from err
         yield from self._stream(session)
 
-    def resume(self, request: gr.Request) -> Iterator[tuple]:
-        session = self.session(request)
+    def resume(self, request: gr.Request, tab: str = "generate") -> Iterator[tuple]:
+        session = self.session(request, tab)
         if session.run is None:
             raise gr.Error("Nothing to continue: start a run first.")
         session.run.session.optimization.extend(CONTINUE_STEPS)
-        yield from self._stream(session)
+        yield from self._stream(session, self._extra(session, tab))
 
-    def stop(self, request: gr.Request) -> str:
-        session = self.session(request)
+    def stop(self, request: gr.Request, tab: str = "generate") -> str:
+        session = self.session(request, tab)
         if session.run is None:
             return "Nothing is running."
         session.run.session.request_stop()
         return "Stopping after this iteration; the best iteration so far is kept."
 
-    def _stream(self, session: BrowserSession) -> Iterator[tuple]:
+    # Gradio hands ``request`` over by its annotation, so each tab's buttons get their own methods.
+    def resume_edit(self, request: gr.Request) -> Iterator[tuple]:
+        yield from self.resume(request, "edit")
+
+    def stop_edit(self, request: gr.Request) -> str:
+        return self.stop(request, "edit")
+
+    def _stream(self, session: BrowserSession, extra: tuple = ()) -> Iterator[tuple]:
+        """The live view of a run; ``extra`` outputs (the edit tab's mask overlay) lead each update."""
         run = session.run
         try:
             for event in run.steps():
                 session.events.append(event)
-                yield self._view(session, finished=False)
+                yield extra + self._view(session, finished=False)
             run.finish()
         except SisoError as err:
             raise gr.Error(str(err)) from err
-        yield self._view(session, finished=True)
+        yield extra + self._view(session, finished=True)
+
+    def _extra(self, session: BrowserSession, tab: str) -> tuple:
+        return (mask_overlay(session.run.session),) if tab == "edit" else ()
+
+    # -- edit -------------------------------------------------------------------------------
+    def edit(self, subject, scene, subject_class: str, input_class: str, mask, model: str, seed: float,
+             max_steps: float, bg_weight: float, request: gr.Request) -> Iterator[tuple]:
+        from .config import EditConfig
+        from .editing import start_edit
+
+        session = self.session(request, "edit")
+        if not subject or not scene:
+            raise gr.Error("Upload a photo of the subject and the scene photo first.")
+        try:
+            config = EditConfig(
+                subject=Path(_path_of(subject)), input=Path(_path_of(scene)),
+                subject_class=(subject_class or "").strip() or None, input_class=(input_class or "").strip() or None,
+                mask=Path(_path_of(mask)) if mask else None, model=(model or "").strip() or self.settings.edit_model,
+                seed=int(seed), resolution=self.settings.resolution, max_steps=int(max_steps),
+                bg_weight=float(bg_weight), dino_model=self.settings.dino_model, ir_model=self.settings.ir_model,
+                device=self.settings.device,
+            )
+            with session.lock:
+                session.run = start_edit(config, self.new_run_dir("edit"), cache=self.cache)
+                session.events = []
+        except SisoError as err:
+            raise gr.Error(str(err)) from err
+        yield from self._stream(session, self._extra(session, "edit"))
 
     def _view(self, session: BrowserSession, finished: bool) -> tuple:
         run = session.run
@@ -169,6 +214,14 @@ class SisoApp:
         return str(path), str(path)
 
 
+def mask_overlay(edit_session) -> Image.Image:
+    """The scene with the object to replace tinted red: what the edit will change."""
+    scene = edit_session.scene.convert("RGB")
+    mask = edit_session.mask.to_image().resize(scene.size)
+    red = Image.new("RGB", scene.size, (255, 40, 40))
+    return Image.composite(Image.blend(scene, red, 0.5), scene, mask)
+
+
 def _path_of(upload: Any) -> str:
     """Gradio hands uploads over as paths or as objects with a ``name``/``path``."""
     if isinstance(upload, (str, Path)):
@@ -184,6 +237,29 @@ def _loss_table(events: list[StepEvent]):
         for e in events for name, value in e.losses.items() if name != "step"
     ]
     return pd.DataFrame(rows, columns=["iteration", "loss", "value"])
+
+
+def _run_buttons(prefix: str) -> tuple[gr.Button, gr.Button, gr.Button]:
+    with gr.Row():
+        start = gr.Button("Start", variant="primary", elem_id=f"{prefix}start")
+        stop = gr.Button("Stop", variant="stop", elem_id=f"{prefix}stop")
+        resume = gr.Button("Continue", elem_id=f"{prefix}continue")
+    return start, stop, resume
+
+
+def _live_view(prefix: str) -> list:
+    """current image, gallery, loss plot, best image, status, downloads (the order ``_view`` fills)."""
+    status = gr.Markdown("Upload the photos and press Start.", elem_id=f"{prefix}status")
+    with gr.Row():
+        current = gr.Image(label="Current iteration", type="pil", elem_id=f"{prefix}current", interactive=False,
+                           height=320)
+        best = gr.Image(label="Best so far", type="filepath", elem_id=f"{prefix}best", interactive=False,
+                        height=320)
+    plot = gr.LinePlot(x="iteration", y="value", color="loss", label="Losses", elem_id=f"{prefix}losses")
+    gallery = gr.Gallery(label="Iterations", columns=8, height=180, elem_id=f"{prefix}iterations")
+    downloads = gr.File(label="Downloads: best image and LoRA (diffusers format)", file_count="multiple",
+                        interactive=False, elem_id=f"{prefix}downloads")
+    return [current, gallery, plot, best, status, downloads]
 
 
 def build_app(settings: AppSettings, cache: ModelCache | None = None) -> gr.Blocks:
@@ -210,27 +286,38 @@ def build_app(settings: AppSettings, cache: ModelCache | None = None) -> gr.Bloc
                         learning_rate = gr.Number(label="Learning rate (0: the backbone's)", value=0)
                         patience = gr.Number(label="Early-stop patience (0: the backbone's)", value=0,
                                              precision=0, elem_id="patience")
-                    with gr.Row():
-                        start = gr.Button("Start", variant="primary", elem_id="start")
-                        stop = gr.Button("Stop", variant="stop", elem_id="stop")
-                        resume = gr.Button("Continue", elem_id="continue")
+                    start, stop, resume = _run_buttons("")
                 with gr.Column(scale=2):
-                    status = gr.Markdown("Upload a photo, write a prompt, press Start.", elem_id="status")
-                    with gr.Row():
-                        current = gr.Image(label="Current iteration", type="pil", elem_id="current",
-                                           interactive=False, height=320)
-                        best = gr.Image(label="Best so far", type="filepath", elem_id="best", interactive=False,
-                                        height=320)
-                    plot = gr.LinePlot(x="iteration", y="value", color="loss", label="Losses", elem_id="losses")
-                    gallery = gr.Gallery(label="Iterations", columns=8, height=180, elem_id="iterations")
-                    downloads = gr.File(label="Downloads: best image and LoRA (diffusers format)",
-                                        file_count="multiple", interactive=False, elem_id="downloads")
-            outputs = [current, gallery, plot, best, status, downloads]
+                    outputs = _live_view("")
             inputs = [photos, prompt, model, seed, resolution, max_steps, learning_rate, patience]
-            start.click(app.start, inputs, outputs,
-                        concurrency_limit=1, concurrency_id=GPU_QUEUE)
+            start.click(app.start, inputs, outputs, concurrency_limit=1, concurrency_id=GPU_QUEUE)
             resume.click(app.resume, None, outputs, concurrency_limit=1, concurrency_id=GPU_QUEUE)
-            stop.click(app.stop, None, status, queue=False)
+            stop.click(app.stop, None, outputs[4], queue=False)
+        with gr.Tab("Edit"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    e_subject = gr.Image(label="Subject photo", type="filepath", elem_id="edit-subject")
+                    e_scene = gr.Image(label="Scene photo (its object is replaced)", type="filepath",
+                                       elem_id="edit-scene")
+                    e_subject_class = gr.Textbox(label="Subject class (empty: recognised)", value="")
+                    e_input_class = gr.Textbox(label="Object to replace (empty: recognised)", value="")
+                    e_mask = gr.Image(label="Mask (optional; white = replace; else Grounding DINO + SAM)",
+                                      type="filepath", elem_id="edit-mask")
+                    e_model = gr.Textbox(label="Backbone", value=settings.edit_model)
+                    with gr.Accordion("Advanced settings", open=False):
+                        e_seed = gr.Number(label="Seed", value=42, precision=0)
+                        e_max_steps = gr.Number(label="Max iterations", value=settings.max_steps, precision=0)
+                        e_bg_weight = gr.Number(label="Background weight", value=10.0)
+                    e_start, e_stop, e_resume = _run_buttons("edit-")
+                with gr.Column(scale=2):
+                    e_overlay = gr.Image(label="What will be replaced", type="pil", interactive=False, height=320,
+                                         elem_id="edit-overlay")
+                    e_outputs = [e_overlay, *_live_view("edit-")]
+            e_inputs = [e_subject, e_scene, e_subject_class, e_input_class, e_mask, e_model, e_seed, e_max_steps,
+                        e_bg_weight]
+            e_start.click(app.edit, e_inputs, e_outputs, concurrency_limit=1, concurrency_id=GPU_QUEUE)
+            e_resume.click(app.resume_edit, None, e_outputs, concurrency_limit=1, concurrency_id=GPU_QUEUE)
+            e_stop.click(app.stop_edit, None, e_outputs[5], queue=False)
         with gr.Tab("Render"):
             with gr.Row():
                 with gr.Column():

@@ -250,17 +250,25 @@ class EditResult(GenerateResult):
     inversion_residual: float | None = None
 
 
+def start_edit(config: EditConfig, out: str | Path, overwrite: bool = False, status: Status = _quiet,
+               cache: ModelCache | None = None) -> GenerationRun:
+    """Check ``out``, prepare the edit (labels, mask, inversion), then create the run directory
+    with input.png, mask.png and reconstruction.png (a failed start leaves none)."""
+    check_run_dir(out, overwrite)
+    session = prepare_edit(config, status, cache)
+    out_dir = prepare_run_dir(out, overwrite)
+    session.write_inputs(out_dir)
+    return GenerationRun(session, out_dir)  # the run-directory bookkeeping is task-agnostic
+
+
 def run_edit(config: EditConfig, out: str | Path, overwrite: bool = False,
              on_step: Callable[[StepEvent], None] | None = None, status: Status = _quiet,
              on_session: Callable[[EditSession], None] | None = None,
              cache: ModelCache | None = None) -> EditResult:
     """Prepare, optimise and write the run directory (generation's files plus input.png, mask.png
     and reconstruction.png); Ctrl-C and NaN keep the best so far."""
-    check_run_dir(out, overwrite)
-    session = prepare_edit(config, status, cache)
-    out_dir = prepare_run_dir(out, overwrite)
-    session.write_inputs(out_dir)
-    run = GenerationRun(session, out_dir)  # the run-directory bookkeeping is task-agnostic
+    run = start_edit(config, out, overwrite, status, cache)
+    session = run.session
     if on_session is not None:
         on_session(session)
     for _ in run.steps(on_step):
