@@ -228,12 +228,7 @@ def prepare_edit(config: EditConfig, status: Status = _quiet, cache: ModelCache 
         loss_fn=loss,
         params=params,
         snapshot=lambda: snapshot_lora(backbone),
-        settings=LoopSettings(
-            max_steps=config.max_steps, learning_rate=config.learning_rate, early_stop_pct=config.early_stop_pct,
-            early_stop_patience=config.early_stop_patience, adam_betas=config.adam_betas,
-            adam_weight_decay=config.adam_weight_decay, adam_eps=config.adam_eps,
-            max_grad_norm=config.max_grad_norm,
-        ),
+        settings=LoopSettings.from_config(config),
     )
     return EditSession(config, backbone, loss, optimization, device, dtype, scene, mask, labels, inversion,
                        reconstruction, residual, setup_seconds=time.perf_counter() - started)

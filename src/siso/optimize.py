@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -28,6 +28,11 @@ class LoopSettings:
     adam_weight_decay: float = 1e-2
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
+
+    @classmethod
+    def from_config(cls, config: Any) -> LoopSettings:
+        """The loop's share of a resolved run config (generation or editing: same field names)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
 
 
 @dataclass(frozen=True)
