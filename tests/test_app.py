@@ -92,7 +92,7 @@ def wait_until(predicate, timeout: float, what: str) -> None:
 def test_generate_watch_stop_and_download_the_lora(served_app, browser, subject_photo, sd_dir, tmp_path):
     url, runs = served_app
     page = browser.new_page(viewport={"width": 1400, "height": 1100}, accept_downloads=True)
-    start_run(page, url, subject_photo, max_steps=400, patience=400)
+    start_run(page, url, subject_photo, max_steps=100_000, patience=100_000)
 
     # At least two iteration images appear while it runs.
     wait_until(lambda: iteration_shown(page) >= 1 and page.locator("#iterations img").count() >= 2, 120,
@@ -113,7 +113,7 @@ def test_generate_watch_stop_and_download_the_lora(served_app, browser, subject_
     (run_dir,) = [p for p in runs.iterdir() if p.is_dir() and "generate" in p.name]
     record = json.loads((run_dir / "run.json").read_text())
     assert record["stop_reason"] == "interrupted" and record["status"] == "finished"
-    assert 2 <= len(record["losses"]) < 400
+    assert len(record["losses"]) >= 2
     pipe = DiffusionPipeline.from_pretrained(sd_dir)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(lora_dir)
@@ -129,11 +129,11 @@ def test_two_sessions_share_the_gpu_queue(served_app, browser, subject_photo):
     before = {p.name for p in runs.iterdir()}
     first = browser.new_context().new_page()
     second = browser.new_context().new_page()
-    start_run(first, url, subject_photo, max_steps=400, patience=400)
+    start_run(first, url, subject_photo, max_steps=100_000, patience=100_000)
     wait_until(lambda: iteration_shown(first) >= 0, 120, "the first session to start")
     start_run(second, url, subject_photo, max_steps=6, patience=400)
     # The second waits in the queue, and is told so, while the first runs.
-    wait_until(lambda: "queue" in second.inner_text("body").lower(), 60, "a queue position in the second tab")
+    wait_until(lambda: "queue" in second.inner_text("body").lower(), 120, "a queue position in the second tab")
     assert iteration_shown(second) == -1 and "Finished" not in status_text(first)
     first.click("#stop")
     for page in (first, second):
