@@ -26,7 +26,15 @@ from .config import EditConfig
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import SisoError
 from .files import write_png
-from .generation import GenerateResult, GenerationRun, SessionControls, Status, _out_of_memory_as_error, _quiet
+from .generation import (
+    GenerateResult,
+    GenerationRun,
+    SessionControls,
+    Status,
+    _out_of_memory_as_error,
+    _quiet,
+    load_similarity_loss,
+)
 from .images import load_image, pil_to_tensor, tensor_to_pil, working_copy
 from .inversion import Inversion, ReNoiseSettings, inversion_residual, invert
 from .labels import ClipLabeller, Label, user_label
@@ -193,13 +201,7 @@ def prepare_edit(config: EditConfig, status: Status = _quiet, cache: ModelCache 
         backbone = cache.backbone(config.model, device, dtype)
         backbone.check_resolution(config.resolution)
         labels, mask = find_labels_and_mask(config, subject, scene, user_mask, device, dtype, status)
-        models = {}
-        for name in config.similarity_names:
-            source = config.dino_model if name == "dino" else config.ir_model
-            status(f"Loading the {name} similarity model {source}")
-            models[name] = cache.similarity(name, source, device, dtype)
-        weights = {"dino": config.dino_weight, "ir": config.ir_weight}
-        similarity = SimilarityLoss(models, {n: weights[n] for n in models}, [pil_to_tensor(subject)])
+        similarity = load_similarity_loss(config, [subject], cache, device, dtype, status)
         # A zero LoRA (B = 0): the inversion and the reconstruction see the untouched model.
         params = attach_lora(backbone, config.lora_rank, False, config.seed)
         scene_pixels = pil_to_tensor(scene).to(device)

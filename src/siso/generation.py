@@ -95,13 +95,7 @@ def prepare_generation(config: GenerateConfig, status: Status = _quiet,
         type(backbone).check_options(config.model, config.train_text_encoder, config.lora_format)
         config = config.resolved(backbone.preset)
         backbone.check_resolution(config.resolution)
-        models = {}
-        for name in config.similarity_names:
-            source = config.dino_model if name == "dino" else config.ir_model
-            status(f"Loading the {name} similarity model {source}")
-            models[name] = cache.similarity(name, source, device, dtype)
-        weights = {"dino": config.dino_weight, "ir": config.ir_weight}
-        loss = SimilarityLoss(models, {n: weights[n] for n in models}, [pil_to_tensor(s) for s in subjects])
+        loss = load_similarity_loss(config, subjects, cache, device, dtype, status)
         params = attach_lora(backbone, config.lora_rank, config.train_text_encoder, config.seed)
         if config.low_memory:
             backbone.enable_low_memory()
@@ -115,6 +109,18 @@ def prepare_generation(config: GenerateConfig, status: Status = _quiet,
     )
     return GenerationSession(config, backbone, loss, optimization, device, dtype,
                              setup_seconds=time.perf_counter() - started)
+
+
+def load_similarity_loss(config: GenerateConfig | EditConfig, subjects: list[Image.Image], cache: ModelCache,
+                         device: torch.device, dtype: torch.dtype, status: Status = _quiet) -> SimilarityLoss:
+    """The config's similarity models (from the cache), weighted, against the subject photo(s)."""
+    sources = {"dino": config.dino_model, "ir": config.ir_model}
+    weights = {"dino": config.dino_weight, "ir": config.ir_weight}
+    models = {}
+    for name in config.similarity_names:
+        status(f"Loading the {name} similarity model {sources[name]}")
+        models[name] = cache.similarity(name, sources[name], device, dtype)
+    return SimilarityLoss(models, {n: weights[n] for n in models}, [pil_to_tensor(s) for s in subjects])
 
 
 def _make_render(backbone: Backbone, config: GenerateConfig) -> Callable[[], torch.Tensor]:
