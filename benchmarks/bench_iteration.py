@@ -43,13 +43,13 @@ from siso.similarity import DinoSimilarity, IRSimilarity  # noqa: E402
 class Setting:
     name: str
     dtype: torch.dtype
-    train_text_encoder: bool
+    train_text_encoder: bool | None  # None: the backbone's default (on for SDXL-Turbo, as the paper ran it)
     low_memory: bool = False
 
 
-DEFAULT = Setting("default (bf16 frozen, fp32 LoRA, prompt encoded once)", torch.bfloat16, False)
+DEFAULT = Setting("default (bf16 frozen, fp32 LoRA, the backbone's text-encoder LoRA setting)", torch.bfloat16, None)
 NAIVE = Setting("naive (fp32, text-encoder LoRA)", torch.float32, True)
-LOW_MEMORY = Setting("low-memory (default + checkpointed denoiser and VAE decoder)", torch.bfloat16, False, True)
+LOW_MEMORY = Setting("low-memory (default + checkpointed denoiser and VAE decoder)", torch.bfloat16, None, True)
 
 
 def build_pipeline(backbone: str, tiny: bool, device: torch.device, dtype: torch.dtype):
@@ -137,7 +137,7 @@ def measure(backbone_name: str, setting: Setting, args, subject: Path, device: t
     opt = session.optimization
     with FlopCounterMode(display=False) as counter:
         opt.loss_fn(opt.render())["total"].backward()
-    for p in opt.params:
+    for p in opt.parameters:
         p.grad = None
     result = {
         "backbone": backbone_name, "setting": setting.name, "dtype": str(dtype).replace("torch.", ""),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests must never reach for the Hub
+# siso's own cache (the converted IR model that --ir-model auto finds): never the user's real one.
+os.environ["SISO_CACHE_DIR"] = __import__("tempfile").mkdtemp(prefix="siso-test-cache-")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 

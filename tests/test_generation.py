@@ -106,7 +106,9 @@ def test_lora_round_trip_through_plain_diffusers(finished_run):
 def test_kohya_file_loads_in_plain_diffusers(finished_run):
     model_dir, result, captured = finished_run
     state = load_file(result.lora_dir / KOHYA_WEIGHT_NAME)
-    assert all(key.startswith("lora_unet_") for key in state)
+    # SDXL trains its text encoders' LoRA by default (as the reference runs it).
+    assert all(key.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for key in state)
+    assert any(key.startswith("lora_unet_") for key in state)
     assert any(key.endswith(".alpha") for key in state)
     again = plain_render(model_dir, lora_dir=result.lora_dir, weight_name=KOHYA_WEIGHT_NAME)
     assert (again - captured.session.optimization.best_image).abs().max().item() <= 1e-5
@@ -114,7 +116,7 @@ def test_kohya_file_loads_in_plain_diffusers(finished_run):
 
 def test_gradients_reach_the_lora_only(sd_dir, dino_dir, subject_photo):
     session = prepare_generation(tiny_config(sd_dir, subject_photo, dino_dir, max_steps=3))
-    lora_ids = {id(p) for p in session.optimization.params}
+    lora_ids = {id(p) for p in session.optimization.parameters}
     frozen = {
         f"{name}.{key}": value.detach().clone()
         for name, module in session.backbone.frozen_modules.items()
@@ -141,7 +143,7 @@ def test_gradients_reach_the_lora_only(sd_dir, dino_dir, subject_photo):
     assert frozen.keys() == after.keys()
     assert all(torch.equal(frozen[k], after[k]) for k in frozen)
     # ... while the LoRA did move.
-    assert any(p.abs().sum() > 0 for p in session.optimization.params if p.shape[0] != 4)
+    assert any(p.abs().sum() > 0 for p in session.optimization.parameters if p.shape[0] != 4)
 
 
 def test_text_encoder_lora_round_trip(sdxl_dir, dino_dir, subject_photo, tmp_path):
@@ -162,7 +164,7 @@ def test_planted_subject_is_recovered(sd_dir, dino_dir, ir_dir, subject_photo, t
     hidden = prepare_generation(config)
     with torch.no_grad():
         gen = torch.Generator().manual_seed(123)
-        for p in hidden.optimization.params:
+        for p in hidden.optimization.parameters:
             p.copy_(torch.randn(p.shape, generator=gen))
         planted = hidden.optimization.render()
         untouched = prepare_generation(config).optimization.render()

@@ -15,7 +15,7 @@ from siso.editing import find_labels_and_mask
 from siso.errors import SisoError
 from siso.images import load_image, working_copy
 from siso.labels import VOCABULARY, ClipLabeller, Label
-from siso.masks import ObjectFinder, load_user_mask, square_crop
+from siso.masks import ObjectFinder, largest_region_filled, load_user_mask, square_crop
 
 CPU = torch.device("cpu")
 DREAMBOOTH_CLASSES = ("backpack", "stuffed animal", "bowl", "can", "candle", "cat", "clock", "sneaker", "dog", "toy",
@@ -75,6 +75,56 @@ def test_detector_and_segmenter_find_the_object(finder, cat_scene):
     assert record["source"] == "grounding_dino+sam" and record["score"] == 0.5 and record["detections"] == 4
     assert 0 < record["object_fraction"] < 1
     assert np.array_equal(np.asarray(found.to_image()) > 127, found.mask[0, 0].numpy() > 0.5)
+
+
+def test_largest_region_filled_keeps_one_region_and_fills_its_holes():
+    binary = np.zeros((12, 12), dtype=bool)
+    binary[1:8, 1:8] = True  # the big region ...
+    binary[3:5, 3:5] = False  # ... with a hole
+    binary[10:12, 1:3] = True  # a small separate region
+    binary[8, 8] = True  # touches the big one only diagonally: 8-connected, as contours are traced
+    expected = np.zeros_like(binary)
+    expected[1:8, 1:8] = True
+    expected[8, 8] = True
+    assert np.array_equal(largest_region_filled(binary), expected)
+    assert not largest_region_filled(np.zeros((4, 4), dtype=bool)).any()
+
+
+class _ConstructedSam(torch.nn.Module):
+    """Stands in for SamModel: returns three chosen low-resolution candidate masks for any box."""
+
+    def __init__(self, candidates: torch.Tensor) -> None:
+        super().__init__()
+        self.candidates = candidates  # (3, h, w) logits
+
+    def forward(self, **inputs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(pred_masks=self.candidates[None, None],
+                               iou_scores=torch.tensor([[[0.9, 0.1, 0.1]]]))
+
+
+def test_the_mask_is_the_union_of_sams_candidates_with_the_largest_region_filled(finder, cat_scene):
+    """The reference's rule: the union of SAM's candidates, then the largest contour filled. SAM's own
+    favourite (highest predicted IoU) alone would be the top-left square only."""
+    low = 16  # the tiny SamProcessor pads to 64 px; SAM's logits are a quarter of that
+    candidates = torch.full((3, low, low), -10.0)
+    candidates[0, 2:8, 2:8] = 10.0  # SAM's favourite
+    candidates[1, 6:12, 6:12] = 10.0  # overlaps it: joins the region
+    candidates[1, 8:10, 8:10] = -10.0  # a hole the union keeps ...
+    candidates[2, 13:15, 1:3] = 10.0  # a separate speck: dropped
+    stub = ObjectFinder(finder.detector, finder.detector_processor, _ConstructedSam(candidates),
+                        finder.segmenter_processor)
+    mask = stub.segment(cat_scene, (0.0, 0.0, 32.0, 32.0))
+    scale = RESOLUTION // low  # the 16 px logits cover the 32 px scene
+    expected = np.zeros((RESOLUTION, RESOLUTION), dtype=bool)
+    for top, left, bottom, right in ((2, 2, 8, 8), (6, 6, 12, 12)):
+        expected[top * scale:bottom * scale, left * scale:right * scale] = True  # ... and fills
+    # Bilinear upsampling moves region edges by at most a pixel; the hole is filled, the speck gone.
+    assert mask.dtype == bool and mask.shape == (RESOLUTION, RESOLUTION)
+    assert np.abs(mask.astype(int) - expected.astype(int)).sum() <= 4 * (expected.sum() ** 0.5)
+    assert mask[9 * scale, 9 * scale] and mask[4 * scale, 4 * scale] and mask[10 * scale, 10 * scale]
+    assert not mask[14 * scale, 2 * scale]
 
 
 def test_nothing_found_is_a_clear_error(finder, cat_scene):

@@ -10,26 +10,68 @@ import torch
 from siso.optimize import EarlyStopping, LoopSettings, Optimization
 
 
-def test_early_stopping_counts_iterations_without_a_significant_improvement():
-    stopper = EarlyStopping(pct=3.0, patience=3)
-    assert not stopper.update(1.00)  # first value sets the reference
-    assert not stopper.update(0.99)  # -1 %: not significant (stale 1)
-    assert not stopper.update(0.98)  # -2 % vs 1.00 (stale 2)
-    assert not stopper.update(0.969)  # -3.1 %: significant, reference 0.969, stale 0
-    assert stopper.reference == 0.969 and stopper.stale == 0
-    assert not stopper.update(0.95)  # -1.96 % vs 0.969 (stale 1)
-    assert not stopper.update(1.20)  # worse (stale 2)
-    assert stopper.update(0.94)  # -2.99 %: still not 3 % -> stale 3 = patience -> stop
+def reference_rule(losses: list[float], pct: float, patience: int) -> int | None:
+    """The authors' early stopping, restated from their code (siso_generation_*.py): on their loss
+    -(sum of weighted cosines), an iteration improves when ``loss < best * (1 + pct / 100)``, ``best``
+    being the loss of the last improvement (inf at first). Returns the iteration that stops the run."""
+    best, count = math.inf, 0
+    for step, loss in enumerate(losses):
+        if loss < best * (1 + pct / 100):
+            best, count = loss, 0
+        else:
+            count += 1
+        if count >= patience:
+            return step
+    return None
+
+
+def test_early_stopping_measures_pct_of_the_summed_cosines_as_the_reference_does():
+    """DINO + IR (offset 2): siso's total 0.60 is the reference's -1.40. Iteration 1 cuts the total by
+    5 %, which a rule on siso's (1 - cos) distances would call an improvement; it raises the summed
+    cosines by 2.1 % only, so the reference's rule (3 % of them) does not, and neither does siso's."""
+    stopper = EarlyStopping(pct=3.0, patience=3, offset=2.0)
+    assert not stopper.update(0.60) and stopper.reference == pytest.approx(-1.40)
+    assert 0.57 < 0.60 * (1 - 0.03)  # 3 % better by the distances ...
+    assert not stopper.update(0.57) and stopper.stale == 1  # ... but -1.43 is not below -1.40 * 1.03 = -1.442
+    assert not stopper.update(0.56) and stopper.stale == 2  # -1.44: still not
+    assert not stopper.update(0.55) and stopper.stale == 0  # -1.45 < -1.442: improved
+    assert stopper.reference == pytest.approx(-1.45)
+    assert not stopper.update(0.555) and stopper.stale == 1
+    assert not stopper.update(0.50) and stopper.stale == 0  # -1.50 < -1.45 * 1.03 = -1.4935: improved
+
+
+def test_early_stopping_is_the_reference_rule_step_by_step():
+    totals = [0.60, 0.57, 0.56, 0.55, 0.555, 0.56, 0.545]
+    stopper = EarlyStopping(pct=3.0, patience=3, offset=2.0)
+    # The reference's losses: -1.40 (first: improves), -1.43, -1.44 (neither beats -1.442), -1.45 (beats it),
+    # -1.445, -1.44, -1.455 (none beats -1.45 * 1.03 = -1.4935): the third of these stops the run.
+    assert [stopper.update(t) for t in totals] == [False, False, False, False, False, False, True]
+    assert reference_rule([t - 2.0 for t in totals], 3.0, 3) == 6
+
+
+@pytest.mark.parametrize("offset", [1.0, 2.0, 1.5])
+def test_early_stopping_stops_exactly_where_the_reference_stops(offset):
+    """On random loss curves, siso's stopper (fed siso's totals) stops at the reference's iteration."""
+    gen = torch.Generator().manual_seed(int(offset * 10))
+    stops = []
+    for _ in range(50):
+        totals = (0.6 + 0.05 * torch.randn(40, generator=gen).cumsum(0) / 4).clamp(0.01, 1.9).tolist()
+        expected = reference_rule([t - offset for t in totals], 3.0, 7)
+        stopper = EarlyStopping(pct=3.0, patience=7, offset=offset)
+        stopped = next((step for step, total in enumerate(totals) if stopper.update(total)), None)
+        assert stopped == expected
+        stops.append(stopped)
+    assert len(set(stops)) > 3, "the curves must stop at varied iterations for this to mean something"
 
 
 def test_zero_percent_threshold_accepts_any_improvement():
-    stopper = EarlyStopping(pct=0.0, patience=1)
-    assert not stopper.update(1.0)
-    assert not stopper.update(0.999)
-    assert stopper.update(0.999)
+    stopper = EarlyStopping(pct=0.0, patience=1, offset=1.0)
+    assert not stopper.update(0.5)
+    assert not stopper.update(0.499)
+    assert stopper.update(0.499)
 
 
-def scripted_problem(losses: list[float], settings: LoopSettings):
+def scripted_problem(losses: list[float], settings: LoopSettings, offset: float = 2.0):
     """A one-parameter problem whose loss at iteration i is ``losses[i]`` (and differentiable)."""
     weight = torch.nn.Parameter(torch.zeros(1))
     calls = {"render": 0}
@@ -46,7 +88,8 @@ def scripted_problem(losses: list[float], settings: LoopSettings):
     def snapshot():
         return {"step": calls["render"] - 1}
 
-    return Optimization(render=render, loss_fn=loss_fn, params=[weight], snapshot=snapshot, settings=settings), calls
+    return Optimization(render=render, loss_fn=loss_fn, params=[weight], snapshot=snapshot, settings=settings,
+                        early_stop_offset=offset), calls
 
 
 def test_loop_stops_early_and_keeps_the_lowest_loss():

@@ -81,6 +81,12 @@ def grounding_dino_dir(directory: Path, constant_scores: bool = True) -> Path:
 
 
 def sam_dir(directory: Path) -> Path:
+    """A tiny SAM whose three candidate masks agree (as a trained SAM's mostly do on a clear object).
+
+    A random SAM's candidates are unrelated noise, and siso takes their union (as the reference
+    does), which then covers nearly the whole image; copying the first candidate's mask token and
+    output head onto the other two keeps the union a usable mask for end-to-end tests.
+    """
     torch.manual_seed(0)
     config = SamConfig(
         vision_config=SamVisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=64,
@@ -91,7 +97,13 @@ def sam_dir(directory: Path) -> Path:
         mask_decoder_config=SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                                  mlp_dim=16, iou_head_hidden_dim=16),
     )
-    SamModel(config).save_pretrained(directory)
+    model = SamModel(config)
+    decoder = model.mask_decoder
+    with torch.no_grad():
+        for index in range(2, decoder.num_mask_tokens):  # token 0 is the single-mask output
+            decoder.mask_tokens.weight[index].copy_(decoder.mask_tokens.weight[1])
+            decoder.output_hypernetworks_mlps[index].load_state_dict(decoder.output_hypernetworks_mlps[1].state_dict())
+    model.save_pretrained(directory)
     processor = SamProcessor(image_processor=SamImageProcessor(size={"longest_edge": 64},
                                                                pad_size={"height": 64, "width": 64}))
     processor.save_pretrained(directory)

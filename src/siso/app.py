@@ -29,6 +29,7 @@ from .errors import SisoError
 from .files import write_png
 from .generation import GenerationRun, start_generation
 from .images import tensor_to_pil
+from .ir_cache import IR_AUTO
 from .lora import DIFFUSERS_WEIGHT_NAME
 from .models import ModelCache
 from .optimize import StepEvent
@@ -45,7 +46,7 @@ class AppSettings:
     model: str = DEFAULT_GENERATION_MODEL
     edit_model: str = DEFAULT_EDITING_MODEL
     dino_model: str = DEFAULT_DINO_MODEL
-    ir_model: str | None = None
+    ir_model: str | None = IR_AUTO  # auto: the cached IR conversion if there is one
     resolution: int = 512
     max_steps: int = 50
     device: str = "auto"

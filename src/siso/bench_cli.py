@@ -40,8 +40,9 @@ def bench(
         f"Hub id or directory of the diffusers pipeline (default: {DEFAULT_GENERATION_MODEL} to generate, "
         f"{DEFAULT_EDITING_MODEL} to edit)."))] = None,
     dino_model: Annotated[str, typer.Option(help="DINOv2 (loss and DINO metric).")] = DEFAULT_DINO_MODEL,
-    ir_model: Annotated[str | None, typer.Option(
-        help="IR model directory from `siso convert-ir` (adds the IR loss and metric).")] = None,
+    ir_model: Annotated[str, typer.Option(
+        help="IR model directory from `siso convert-ir` (adds the IR loss and metric); auto: the one `siso "
+             "convert-ir --download` cached, if any; none: no IR.")] = "auto",
     clip_model: Annotated[str, typer.Option(help="CLIP for CLIP-I and CLIP-T.")] = _DEFAULT_CLIP,
     cmmd_model: Annotated[str, typer.Option(help="CLIP for CMMD.")] = _DEFAULT_CMMD,
     detector_model: Annotated[str, typer.Option(
@@ -68,6 +69,7 @@ def bench(
     from rich.markup import escape
 
     from .cli import _quiet_libraries, console
+    from .cli_shared import ir_model_option
     from .errors import SisoError
     from .eval.manifest import dreambench_items, read_manifest, select
     from .eval.runner import run_bench
@@ -81,16 +83,19 @@ def bench(
     if max_prompts is not None and max_prompts < 1:
         raise SisoError(f"--max-prompts must be >= 1, got {max_prompts}.")
     items = select(items, wanted, max_prompts)
-    options = {"model": model, "dino_model": dino_model, "ir_model": ir_model, "max_steps": max_steps,
+    options = {"model": model, "dino_model": dino_model, "ir_model": ir_model_option(ir_model), "max_steps": max_steps,
                "learning_rate": lr, "resolution": resolution, "seed": seed, "device": device, "dtype": dtype}
     if task == "edit" and not no_crop:
         options["detector_model"] = detector_model  # the same Grounding DINO finds the object to replace
     settings = BenchSettings(
-        task=task, options={k: v for k, v in options.items() if v is not None}, render_steps=render_steps,
+        task=task, options={k: v for k, v in options.items() if v is not None or k == "ir_model"},
+        render_steps=render_steps,
         baseline=baseline, clip_model=clip_model,
         cmmd_model=cmmd_model, detector_model=None if no_crop else detector_model, fid_features=fid_features,
         inception_weights=str(inception_weights) if inception_weights else None,
     )
+    if settings.notice:
+        console.print(f"[yellow]{escape(settings.notice)}[/]")
     with _RichProgress(console) as progress:
         report = run_bench(items, settings, out, executor=executor, ray_address=ray_address, workers=workers,
                            progress=progress)

@@ -30,6 +30,7 @@ from .cli_shared import (  # noqa: E402, F401
     Seed,
     Similarity,
     console,
+    ir_model_option,
     lora_formats,
     print_summary,
     run_with_progress,
@@ -60,20 +61,28 @@ def generate(
     seed: Seed = 42,
     resolution: Resolution = 512,
     max_steps: MaxSteps = 50,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default: the backbone's, 2e-4).")] = None,
+    lr: Annotated[float | None, typer.Option(
+        help="AdamW learning rate (default: the backbone's: 2e-4; Sana 8e-4).")] = None,
     early_stop_pct: EarlyStopPct = 3.0,
     early_stop_patience: Annotated[
-        int | None, typer.Option(help="Stop after this many iterations without one (default: 7).")
+        int | None, typer.Option(help="Stop after this many iterations without one (default: 7; Sana 5).")
     ] = None,
-    denoise_steps: Annotated[int | None, typer.Option(help="Denoising steps per iteration (default: 1).")] = None,
-    grad_steps: Annotated[int | None, typer.Option(help="How many final steps carry gradients (default: 1).")] = None,
+    denoise_steps: Annotated[int | None, typer.Option(
+        help="Denoising steps per iteration (default: 1; Sana 20).")] = None,
+    grad_steps: Annotated[int | None, typer.Option(
+        help="How many final steps carry gradients (default: 1; Sana 3).")] = None,
     lora_rank: LoraRank = 4,
-    train_text_encoder: Annotated[bool, typer.Option(help="Also put LoRA on the text encoder(s).")] = False,
+    train_text_encoder: Annotated[bool | None, typer.Option(
+        "--train-text-encoder/--no-train-text-encoder",
+        help="Also put LoRA on the CLIP text encoder(s) (default: on for SDXL-Turbo and FLUX.1-schnell, as the "
+             "paper ran them; off for SD-Turbo; Sana has none).")] = None,
+    text_encoder_lr: Annotated[float | None, typer.Option(
+        help="Learning rate of the text encoders' LoRA (default: FLUX 5e-6; others the --lr).")] = None,
     low_memory: Annotated[
         bool, typer.Option(help="Gradient checkpointing in the denoiser and VAE decoder: less memory, ~1/3 slower.")
     ] = False,
     dino_model: DinoModel = DEFAULT_DINO_MODEL,
-    ir_model: IrModel = None,
+    ir_model: IrModel = "auto",
     similarity: Similarity = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -89,11 +98,11 @@ def generate(
         subjects=tuple(subject), prompt=prompt, model=model, seed=seed, resolution=resolution,
         max_steps=max_steps, learning_rate=lr, early_stop_pct=early_stop_pct,
         early_stop_patience=early_stop_patience, denoise_steps=denoise_steps, grad_steps=grad_steps,
-        lora_rank=lora_rank, train_text_encoder=train_text_encoder, low_memory=low_memory,
-        dino_model=dino_model, ir_model=ir_model,
+        lora_rank=lora_rank, train_text_encoder=train_text_encoder, text_encoder_learning_rate=text_encoder_lr,
+        low_memory=low_memory, dino_model=dino_model, ir_model=ir_model_option(ir_model),
         similarity=_split_similarity(similarity), device=device, dtype=dtype, lora_format=formats,
     )
-    similarity_hint(similarity, ir_model)
+    similarity_hint(config)
     result = run_with_progress(
         lambda **hooks: run_generation(config, out, overwrite=overwrite, **hooks), config.max_steps
     )
@@ -106,11 +115,14 @@ def render(
     prompt: Annotated[str, typer.Option(help="Any prompt; name the subject's class, e.g. 'a dog in the snow'.")],
     out: Annotated[Path, typer.Option(help="PNG file to write.")],
     lora: Annotated[Path | None, typer.Option(help="The lora/ directory of a siso run.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the backbone's, 4).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the backbone's: 4; Sana 20).")] = None,
     seed: Seed = 42,
     resolution: Resolution = 512,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    prompt_tokens: Annotated[int | None, typer.Option(
+        help="FLUX/Sana prompt length (default: the pipeline's, FLUX 512, Sana 300); the optimisation used 256, "
+             "so 256 with --steps 1 (FLUX) renders its best image again.")] = None,
 ) -> None:
     """Render PROMPT with a learned LoRA (the second stage: more steps, any prompt)."""
     from .rendering import render as render_image
@@ -118,21 +130,35 @@ def render(
     _quiet_libraries()
     with console.status(f"Rendering with {escape(model)}"):
         render_image(model, prompt, lora=lora, out=out, steps=steps, seed=seed, resolution=resolution,
-                     device=device, dtype=dtype)
+                     device=device, dtype=dtype, prompt_tokens=prompt_tokens)
     console.print(f"[green]Wrote[/] {escape(str(out))}")
 
 
 @app.command("convert-ir")
 def convert_ir(
-    checkpoint: Annotated[Path, typer.Argument(help="The published IR checkpoint (PyTorch pickle, read safely).")],
-    out: Annotated[Path, typer.Option(help="Directory to write config.json and model.safetensors into.")],
+    checkpoint: Annotated[Path | None, typer.Argument(
+        help="The published IR checkpoint (PyTorch pickle, read safely); omit it with --download.")] = None,
+    download: Annotated[bool, typer.Option(
+        "--download", help="Fetch the checkpoint from Kaggle (louieshao/guieweights0732) with kagglehub first."
+    )] = False,
+    out: Annotated[Path | None, typer.Option(
+        help="Directory to write config.json and model.safetensors into (default: siso's cache, where "
+             "--ir-model auto finds it).")] = None,
 ) -> None:
-    """Convert the IR (image retrieval) checkpoint once into a safetensors model directory."""
+    """Convert the IR (image retrieval) model once into a safetensors directory: the paper's loss is DINO + IR."""
     from .convert_ir import convert_ir_checkpoint
+    from .ir_cache import default_ir_dir, download_ir_checkpoint
 
+    if (checkpoint is None) == (not download):
+        raise SisoError("Pass either the CHECKPOINT file or --download (which fetches it from Kaggle), not both.")
+    target = out if out is not None else default_ir_dir()
+    if checkpoint is None:
+        with console.status("Downloading the IR checkpoint from Kaggle (about 2.5 GB)"):
+            checkpoint = download_ir_checkpoint()
     with console.status(f"Converting {escape(str(checkpoint))}"):
-        written = convert_ir_checkpoint(checkpoint, out)
-    console.print(f"[green]Wrote[/] {escape(str(written))}; use it with --ir-model {escape(str(written))}")
+        written = convert_ir_checkpoint(checkpoint, target)
+    usage = "it is used automatically (--ir-model auto)" if out is None else f"use it with --ir-model {written}"
+    console.print(f"[green]Wrote[/] {escape(str(written))}; {escape(usage)}.")
 
 
 @app.command("app")
@@ -143,7 +169,7 @@ def web_app(
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
     model: Annotated[str, typer.Option(help="Default backbone shown in the page.")] = DEFAULT_GENERATION_MODEL,
     dino_model: Annotated[str, typer.Option(help="DINOv2 Hub id or directory.")] = DEFAULT_DINO_MODEL,
-    ir_model: Annotated[str | None, typer.Option(help="IR model directory (adds the IR loss).")] = None,
+    ir_model: IrModel = "auto",
     resolution: Resolution = 512,
     max_steps: Annotated[int, typer.Option(help="Default most iterations.")] = 50,
     device: Device = "auto",
@@ -156,8 +182,13 @@ def web_app(
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]Serving on {escape(host)}: anyone who can reach this machine can use your GPU.[/]")
-    settings = AppSettings(model=model, dino_model=dino_model, ir_model=ir_model, resolution=resolution,
-                           max_steps=max_steps, device=device, runs_dir=runs_dir, max_upload_mb=max_upload_mb)
+    settings = AppSettings(model=model, dino_model=dino_model, ir_model=ir_model_option(ir_model),
+                           resolution=resolution, max_steps=max_steps, device=device, runs_dir=runs_dir,
+                           max_upload_mb=max_upload_mb)
+    from .ir_cache import DINO_ONLY_NOTICE, resolve_ir_model
+
+    if resolve_ir_model(settings.ir_model) is None:
+        console.print(f"[yellow]{escape(DINO_ONLY_NOTICE)}[/]")
     console.print(f"Serving on http://{escape(host)}:{port}  (runs are written to {escape(str(runs_dir))})")
     launch(settings, host=host, port=port)
 

@@ -25,12 +25,16 @@ Dtype = Annotated[str, typer.Option(help="Frozen-weight precision: auto (bf16 on
 Seed = Annotated[int, typer.Option(help="Seed of the fixed initial noise (as torch.Generator(device).manual_seed).")]
 Resolution = Annotated[int, typer.Option(help="Image side in pixels.")]
 MaxSteps = Annotated[int, typer.Option(help="Most optimisation iterations.")]
-EarlyStopPct = Annotated[float, typer.Option(help="An improvement counts when the loss drops by this %.")]
+EarlyStopPct = Annotated[float, typer.Option(
+    help="An iteration improves when the reference's loss -(sum of weighted cosines) drops by this % of the last "
+         "improvement's.")]
 LoraRank = Annotated[int, typer.Option(help="LoRA rank (alpha equals it).")]
 DinoModel = Annotated[str, typer.Option(help="DINOv2 Hub id or directory.")]
-IrModel = Annotated[str | None, typer.Option(help="IR model directory made by `siso convert-ir` (adds the IR loss).")]
+IrModel = Annotated[str, typer.Option(
+    help="IR model directory made by `siso convert-ir` (adds the IR loss); auto: the one `siso convert-ir "
+         "--download` cached, if any; none: no IR loss.")]
 Similarity = Annotated[
-    str | None, typer.Option(help="Comma-separated: dino, ir (default: dino,ir with --ir-model, else dino).")
+    str | None, typer.Option(help="Comma-separated: dino, ir (default: dino,ir when an IR model is found, else dino).")
 ]
 Overwrite = Annotated[bool, typer.Option(help="Write into a non-empty --out (siso's files are replaced).")]
 LoraFormat = Annotated[list[str], typer.Option(help="diffusers (always written) and/or kohya (ComfyUI/A1111).")]
@@ -88,10 +92,17 @@ def lora_formats(values: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(["diffusers", *values]))
 
 
-def similarity_hint(similarity: str | None, ir_model: str | None) -> None:
-    if similarity is None and ir_model is None:
-        console.print("[dim]Similarity: DINO only. Add the IR loss with --ir-model DIR "
-                      "(make DIR once with `siso convert-ir CHECKPOINT --out DIR`).[/]")
+def ir_model_option(value: str) -> str | None:
+    """``--ir-model none`` switches the IR loss off; anything else (auto, a directory) is passed on."""
+    return None if value.strip().lower() == "none" else value
+
+
+def similarity_hint(config: Any) -> None:
+    """Say once, plainly, when a run will not use the paper's DINO + IR loss because no IR model is found."""
+    from .ir_cache import DINO_ONLY_NOTICE, IR_AUTO
+
+    if config.similarity is None and config.ir_model == IR_AUTO and "ir" not in config.similarity_names:
+        console.print(f"[yellow]{escape(DINO_ONLY_NOTICE)}[/]")
 
 
 def run_with_progress(start: Callable[..., Result], max_steps: int,

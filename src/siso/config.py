@@ -6,11 +6,12 @@ its record alone.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import SisoError
+from .ir_cache import GET_IR, IR_AUTO, resolve_ir_model
 
 DEFAULT_GENERATION_MODEL = "stabilityai/sdxl-turbo"
 DEFAULT_DINO_MODEL = "facebook/dinov2-large"
@@ -24,14 +25,26 @@ LORA_FORMATS = ("diffusers", "kohya")
 
 @dataclass(frozen=True)
 class BackbonePreset:
-    """The method's per-backbone numbers (see method-facts): used where the user gave none."""
+    """The method's per-backbone numbers, as the authors' reference commands run them (every value
+    and its source: docs/fidelity.md). Used wherever the user gave none."""
 
     learning_rate: float = 2e-4
+    weight_decay: float = 1e-2  # AdamW's, on the denoiser's LoRA
     denoise_steps: int = 1
     grad_steps: int = 1
     guidance_scale: float = 0.0
     early_stop_patience: int = 7
     render_steps: int = 4
+    train_text_encoder: bool = False
+    #: the text encoders' LoRA in its own AdamW group; None: the denoiser's values
+    text_encoder_learning_rate: float | None = None
+    text_encoder_weight_decay: float | None = None
+    #: prompt tokens while optimising (T5 / Gemma); None: the pipeline's default. Rendering afterwards
+    #: always uses the pipeline's default, as the reference does.
+    prompt_max_tokens: int | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -50,11 +63,12 @@ class GenerateConfig:
     denoise_steps: int | None = None
     grad_steps: int | None = None
     lora_rank: int = 4
-    train_text_encoder: bool = False
+    train_text_encoder: bool | None = None  # None: the backbone preset (on for SDXL-Turbo and FLUX)
+    text_encoder_learning_rate: float | None = None  # None: the preset's, else the denoiser's
     low_memory: bool = False  # gradient checkpointing in the denoiser and the VAE decoder
     dino_model: str = DEFAULT_DINO_MODEL
-    ir_model: str | None = None
-    similarity: tuple[str, ...] | None = None  # None: dino, plus ir when ir_model is set
+    ir_model: str | None = IR_AUTO  # auto: siso's cached conversion if there is one; None: no IR
+    similarity: tuple[str, ...] | None = None  # None: dino, plus ir when an IR model is available
     dino_weight: float = 1.0
     ir_weight: float = 1.0
     device: str = "auto"
@@ -62,7 +76,8 @@ class GenerateConfig:
     lora_format: tuple[str, ...] = ("diffusers",)
     # Adam, grad clipping: the reference's values; not on the CLI, but recorded.
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_weight_decay: float = 1e-2
+    adam_weight_decay: float | None = None  # None: the backbone preset (1e-2; FLUX and Sana 1e-4)
+    text_encoder_weight_decay: float | None = None  # None: the preset's, else adam_weight_decay
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
 
@@ -81,6 +96,12 @@ class GenerateConfig:
                 _check_positive(name, value)
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise SisoError(f"--lr must be a positive number, got {self.learning_rate}.")
+        if self.text_encoder_learning_rate is not None and not self.text_encoder_learning_rate > 0:
+            raise SisoError(f"--text-encoder-lr must be a positive number, got {self.text_encoder_learning_rate}.")
+        for name, value in (("adam_weight_decay", self.adam_weight_decay),
+                            ("text_encoder_weight_decay", self.text_encoder_weight_decay)):
+            if value is not None and not value >= 0:
+                raise SisoError(f"{name} must be a number >= 0, got {value}.")
         if self.early_stop_pct < 0:
             raise SisoError(f"--early-stop-pct must be >= 0, got {self.early_stop_pct}.")
         if self.device not in DEVICES:
@@ -108,22 +129,30 @@ class GenerateConfig:
 
     @property
     def similarity_names(self) -> tuple[str, ...]:
-        if self.similarity is not None:
-            return self.similarity
-        return ("dino", "ir") if self.ir_model else ("dino",)
+        return _similarity_names(self.similarity, self.ir_model)
+
+    def with_ir_resolved(self) -> Any:
+        """``ir_model`` ``auto`` replaced by the cached IR conversion, or None (then DINO only)."""
+        return _with_ir_resolved(self)
 
     def resolved(self, preset: BackbonePreset) -> GenerateConfig:
         """Fill every ``None`` knob from the backbone preset, so the record shows what ran."""
+        learning_rate = _first(self.learning_rate, preset.learning_rate)
+        weight_decay = _first(self.adam_weight_decay, preset.weight_decay)
         values = {
-            "learning_rate": self.learning_rate if self.learning_rate is not None else preset.learning_rate,
-            "early_stop_patience": (
-                self.early_stop_patience if self.early_stop_patience is not None else preset.early_stop_patience
-            ),
-            "denoise_steps": self.denoise_steps if self.denoise_steps is not None else preset.denoise_steps,
-            "grad_steps": self.grad_steps if self.grad_steps is not None else preset.grad_steps,
+            "learning_rate": learning_rate,
+            "adam_weight_decay": weight_decay,
+            "early_stop_patience": _first(self.early_stop_patience, preset.early_stop_patience),
+            "denoise_steps": _first(self.denoise_steps, preset.denoise_steps),
+            "grad_steps": _first(self.grad_steps, preset.grad_steps),
+            "train_text_encoder": _first(self.train_text_encoder, preset.train_text_encoder),
+            "text_encoder_learning_rate": _first(self.text_encoder_learning_rate, preset.text_encoder_learning_rate,
+                                                 learning_rate),
+            "text_encoder_weight_decay": _first(self.text_encoder_weight_decay, preset.text_encoder_weight_decay,
+                                                weight_decay),
             "similarity": self.similarity_names,
         }
-        resolved = _replace(self, **values)
+        resolved = _replace(self.with_ir_resolved(), **values)
         if resolved.grad_steps > resolved.denoise_steps:
             raise SisoError(
                 f"--grad-steps ({resolved.grad_steps}) cannot exceed --denoise-steps ({resolved.denoise_steps}): "
@@ -135,6 +164,24 @@ class GenerateConfig:
         record = asdict(self)
         record["subjects"] = [str(p) for p in self.subjects]
         return record
+
+
+def _similarity_names(similarity: tuple[str, ...] | None, ir_model: str | None) -> tuple[str, ...]:
+    if similarity is not None:
+        return similarity
+    return ("dino", "ir") if resolve_ir_model(ir_model) else ("dino",)
+
+
+def _with_ir_resolved(config: Any) -> Any:
+    ir_model = resolve_ir_model(config.ir_model)
+    if ir_model is None and config.similarity is not None and "ir" in config.similarity:
+        raise SisoError(f"--similarity includes ir, but --ir-model {config.ir_model} found no IR model. {GET_IR}")
+    return _replace(config, ir_model=ir_model)
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not ``None``: the user's, else the preset's, else the fallback."""
+    return next(value for value in values if value is not None)
 
 
 def _replace(config: GenerateConfig, **changes: Any) -> GenerateConfig:
@@ -160,7 +207,9 @@ class RenderConfig:
     resolution: int = 512
     device: str = "auto"
     dtype: str = "auto"
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: FLUX's T5 / Sana's Gemma prompt length; None: the pipeline's default (FLUX 512, Sana 300). The
+    #: optimisation used 256: pass that to render its image again exactly.
+    prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -168,6 +217,8 @@ class RenderConfig:
         _check_positive("resolution", self.resolution)
         if self.steps is not None:
             _check_positive("steps", self.steps)
+        if self.prompt_tokens is not None:
+            _check_positive("prompt-tokens", self.prompt_tokens)
         if self.device not in DEVICES:
             raise SisoError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}.")
         if self.dtype not in DTYPES:
@@ -176,7 +227,8 @@ class RenderConfig:
 
 DEFAULT_EDITING_MODEL = "stabilityai/sd-turbo"
 DEFAULT_LABEL_MODEL = "openai/clip-vit-large-patch14"
-DEFAULT_DETECTOR_MODEL = "IDEA-Research/grounding-dino-base"
+#: the reference's detector (grounding-dino-base is the larger alternative)
+DEFAULT_DETECTOR_MODEL = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SEGMENTER_MODEL = "facebook/sam-vit-base"
 
 
@@ -201,12 +253,15 @@ class EditConfig:
     resolution: int = 512
     max_steps: int = 50
     learning_rate: float = 3e-4
-    early_stop_pct: float = 5.0
-    early_stop_patience: int = 5
+    early_stop_pct: float = 3.0
+    early_stop_patience: int = 7
+    #: of the ``strength * inversion_steps`` steps the edit re-runs, how many (the last ones) carry
+    #: gradients: the reference differentiates the final step only.
+    grad_steps: int = 1
     lora_rank: int = 4
     dino_model: str = DEFAULT_DINO_MODEL
-    ir_model: str | None = None
-    similarity: tuple[str, ...] | None = None  # None: dino, plus ir when ir_model is set
+    ir_model: str | None = IR_AUTO  # auto: siso's cached conversion if there is one; None: no IR
+    similarity: tuple[str, ...] | None = None  # None: dino, plus ir when an IR model is available
     dino_weight: float = 1.0
     ir_weight: float = 1.0
     label_model: str = DEFAULT_LABEL_MODEL
@@ -236,7 +291,7 @@ class EditConfig:
                 object.__setattr__(self, name, " ".join(value.split()))
         for flag, value in (("max-steps", self.max_steps), ("resolution", self.resolution),
                             ("lora-rank", self.lora_rank), ("inversion-steps", self.inversion_steps),
-                            ("early-stop-patience", self.early_stop_patience)):
+                            ("early-stop-patience", self.early_stop_patience), ("grad-steps", self.grad_steps)):
             _check_positive(flag, value)
         if not self.learning_rate > 0:
             raise SisoError(f"--lr must be a positive number, got {self.learning_rate}.")
@@ -246,10 +301,16 @@ class EditConfig:
             raise SisoError(f"--bg-weight must be >= 0 (0 turns the background loss off), got {self.bg_weight}.")
         if not 0 < self.strength <= 1:
             raise SisoError(f"--strength must be in (0, 1], got {self.strength}.")
-        if int(self.inversion_steps * self.strength + 1e-6) < 1:
+        edit_steps = int(self.inversion_steps * self.strength + 1e-6)
+        if edit_steps < 1:
             raise SisoError(
                 f"--strength {self.strength} of --inversion-steps {self.inversion_steps} leaves no denoising step "
                 f"to edit; raise either (the method uses 0.75 of 4)."
+            )
+        if self.grad_steps > edit_steps:
+            raise SisoError(
+                f"--grad-steps ({self.grad_steps}) cannot exceed the {edit_steps} denoising steps the edit re-runs "
+                f"(--strength {self.strength} of --inversion-steps {self.inversion_steps})."
             )
         for flag, value in (("box-threshold", self.box_threshold), ("text-threshold", self.text_threshold)):
             if not 0 <= value <= 1:
@@ -274,13 +335,15 @@ class EditConfig:
 
     @property
     def similarity_names(self) -> tuple[str, ...]:
-        if self.similarity is not None:
-            return self.similarity
-        return ("dino", "ir") if self.ir_model else ("dino",)
+        return _similarity_names(self.similarity, self.ir_model)
+
+    def with_ir_resolved(self) -> Any:
+        """``ir_model`` ``auto`` replaced by the cached IR conversion, or None (then DINO only)."""
+        return _with_ir_resolved(self)
 
     def resolved(self) -> EditConfig:
         """Fill the ``None`` knobs that have a fixed answer, so the record shows what ran."""
-        return _replace(self, similarity=self.similarity_names)
+        return _replace(self.with_ir_resolved(), similarity=self.similarity_names)
 
     def to_record(self) -> dict[str, Any]:
         record = asdict(self)

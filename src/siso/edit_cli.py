@@ -23,6 +23,7 @@ from .cli_shared import (
     Seed,
     Similarity,
     console,
+    ir_model_option,
     lora_formats,
     print_summary,
     quiet_libraries,
@@ -60,17 +61,20 @@ def edit(
     resolution: Resolution = 512,
     max_steps: MaxSteps = 50,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-4,
-    early_stop_pct: EarlyStopPct = 5.0,
-    early_stop_patience: Annotated[int, typer.Option(help="Stop after this many iterations without one.")] = 5,
+    early_stop_pct: EarlyStopPct = 3.0,
+    early_stop_patience: Annotated[int, typer.Option(help="Stop after this many iterations without one.")] = 7,
+    grad_steps: Annotated[int, typer.Option(
+        help="How many of the re-run steps carry gradients (the last ones; the paper's 1 suffices).")] = 1,
     lora_rank: LoraRank = 4,
     dino_model: DinoModel = DEFAULT_DINO_MODEL,
-    ir_model: IrModel = None,
+    ir_model: IrModel = "auto",
     similarity: Similarity = None,
     label_model: Annotated[str, typer.Option(
         help="CLIP model that names the subject and the object when --subject-class/--input-class are not given."
     )] = DEFAULT_LABEL_MODEL,
     detector_model: Annotated[str, typer.Option(
-        help="Grounding DINO that finds the object (unless --mask).")] = DEFAULT_DETECTOR_MODEL,
+        help="Grounding DINO that finds the object (unless --mask); IDEA-Research/grounding-dino-base is larger."
+    )] = DEFAULT_DETECTOR_MODEL,
     segmenter_model: Annotated[str, typer.Option(
         help="SAM that turns the object's box into a mask (unless --mask).")] = DEFAULT_SEGMENTER_MODEL,
     box_threshold: Annotated[float, typer.Option(help="Grounding DINO's box confidence threshold.")] = 0.3,
@@ -91,12 +95,13 @@ def edit(
         subject=subject, input=input, subject_class=subject_class, input_class=input_class, mask=mask,
         bg_weight=bg_weight, strength=strength, inversion_steps=inversion_steps, model=model, seed=seed,
         resolution=resolution, max_steps=max_steps, learning_rate=lr, early_stop_pct=early_stop_pct,
-        early_stop_patience=early_stop_patience, lora_rank=lora_rank, dino_model=dino_model, ir_model=ir_model,
+        early_stop_patience=early_stop_patience, grad_steps=grad_steps, lora_rank=lora_rank, dino_model=dino_model,
+        ir_model=ir_model_option(ir_model),
         similarity=split_similarity(similarity), label_model=label_model, detector_model=detector_model,
         segmenter_model=segmenter_model, box_threshold=box_threshold, text_threshold=text_threshold,
         device=device, dtype=dtype, lora_format=lora_formats(lora_format),
     )
-    similarity_hint(similarity, ir_model)
+    similarity_hint(config)
 
     def announce(session) -> None:
         for role, name in (("subject", "Subject"), ("input", "Replacing")):

@@ -2,7 +2,7 @@
 
 Before the loop: frame the scene, name the two classes, find the object's mask, invert the scene
 with ReNoise. Then the same loop as generation, whose render resumes from the inverted latent
-(gradients through every remaining step) and whose loss adds a background term:
+(gradients through the last step only, as the reference) and whose loss adds a background term:
 ``L = L_sim + bg_weight * MSE(image, scene) over the background``.
 """
 
@@ -34,11 +34,12 @@ from .generation import (
     _out_of_memory_as_error,
     _quiet,
     load_similarity_loss,
+    similarity_sources,
 )
 from .images import load_image, pil_to_tensor, tensor_to_pil, working_copy
 from .inversion import Inversion, ReNoiseSettings, inversion_residual, invert
 from .labels import ClipLabeller, Label, user_label
-from .lora import attach_lora, snapshot_lora
+from .lora import attach_lora, lora_parameter_groups, snapshot_lora
 from .masks import ObjectFinder, ObjectMask, load_user_mask, square_crop
 from .models import ModelCache
 from .optimize import LoopSettings, Optimization, StepEvent
@@ -67,6 +68,11 @@ class EditLoss(nn.Module):
         self.bg_weight = bg_weight
         self.register_buffer("scene", scene, persistent=False)
         self.register_buffer("background", background, persistent=False)
+
+    @property
+    def offset(self) -> float:
+        """The reference's editing loss is ``-sum_m w_m cos_m + c * bg`` = ``total - offset``."""
+        return self.similarity.offset
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         losses = self.similarity(image)
@@ -104,6 +110,7 @@ class EditSession(SessionControls):
         return {
             "task": "edit",
             "config": self.config.to_record(),
+            "similarity_models": similarity_sources(self.config),
             "labels": {role: label.to_record() for role, label in self.labels.items()},
             "prompts": self.prompts,
             "mask": self.mask.to_record(),
@@ -203,7 +210,7 @@ def prepare_edit(config: EditConfig, status: Status = _quiet, cache: ModelCache 
         labels, mask = find_labels_and_mask(config, subject, scene, user_mask, device, dtype, status)
         similarity = load_similarity_loss(config, [subject], cache, device, dtype, status)
         # A zero LoRA (B = 0): the inversion and the reconstruction see the untouched model.
-        params = attach_lora(backbone, config.lora_rank, False, config.seed)
+        attach_lora(backbone, config.lora_rank, False, config.seed)
         scene_pixels = pil_to_tensor(scene).to(device)
         status(f"Inverting the scene (ReNoise, {config.inversion_steps} steps, strength {config.strength})")
         with torch.no_grad():
@@ -222,15 +229,17 @@ def prepare_edit(config: EditConfig, status: Status = _quiet, cache: ModelCache 
         loss = EditLoss(similarity, scene_pixels, mask.background.to(device), config.bg_weight)
 
     def render_edit() -> torch.Tensor:
-        # Gradients through every remaining step, as the method prescribes.
-        return render(backbone, edit_cond, config.seed, config.resolution, steps, steps, start=start)
+        # Every remaining step runs with the LoRA; gradients flow through the last grad_steps of them
+        # (1, the reference's `set_grad_enabled(i == last)`: the paper finds the final step suffices).
+        return render(backbone, edit_cond, config.seed, config.resolution, steps, config.grad_steps, start=start)
 
     optimization = Optimization(
         render=render_edit,
         loss_fn=loss,
-        params=params,
+        params=lora_parameter_groups(backbone),
         snapshot=lambda: snapshot_lora(backbone),
         settings=LoopSettings.from_config(config),
+        early_stop_offset=loss.offset,
     )
     return EditSession(config, backbone, loss, optimization, device, dtype, scene, mask, labels, inversion,
                        reconstruction, residual, setup_seconds=time.perf_counter() - started)

@@ -21,7 +21,7 @@ from .config import EditConfig, GenerateConfig
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import SisoError
 from .images import load_image, pil_to_tensor, tensor_to_pil, working_copy
-from .lora import LoraState, attach_lora, save_lora, snapshot_lora
+from .lora import LoraState, attach_lora, lora_parameter_groups, save_lora, snapshot_lora
 from .models import ModelCache
 from .optimize import LoopSettings, Optimization, StepEvent
 from .runs import RunWriter, check_run_dir, library_versions, prepare_run_dir
@@ -71,7 +71,9 @@ class GenerationSession(SessionControls):
         return {
             "task": "generate",
             "config": self.config.to_record(),
+            "similarity_models": similarity_sources(self.config),
             "backbone": type(self.backbone).__name__,
+            "preset": self.backbone.preset.to_record(),
             "device": str(self.device),
             "dtype": dtype_name(self.dtype),
             "versions": library_versions(),
@@ -86,6 +88,7 @@ def prepare_generation(config: GenerateConfig, status: Status = _quiet,
     """
     started = time.perf_counter()
     cache = cache or ModelCache()
+    config = config.with_ir_resolved()
     subjects = [working_copy(load_image(path, "subject photo")) for path in config.subjects]
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -96,28 +99,35 @@ def prepare_generation(config: GenerateConfig, status: Status = _quiet,
         config = config.resolved(backbone.preset)
         backbone.check_resolution(config.resolution)
         loss = load_similarity_loss(config, subjects, cache, device, dtype, status)
-        params = attach_lora(backbone, config.lora_rank, config.train_text_encoder, config.seed)
+        attach_lora(backbone, config.lora_rank, config.train_text_encoder, config.seed)
         if config.low_memory:
             backbone.enable_low_memory()
         render_fn = _make_render(backbone, config)
     optimization = Optimization(
         render=render_fn,
         loss_fn=loss,
-        params=params,
+        params=lora_parameter_groups(backbone, config.text_encoder_learning_rate, config.text_encoder_weight_decay),
         snapshot=lambda: snapshot_lora(backbone),
         settings=LoopSettings.from_config(config),
+        early_stop_offset=loss.offset,
     )
     return GenerationSession(config, backbone, loss, optimization, device, dtype,
                              setup_seconds=time.perf_counter() - started)
 
 
+def similarity_sources(config: GenerateConfig | EditConfig) -> dict[str, str]:
+    """Which similarity models a (resolved) config runs, and from where: what run.json records."""
+    sources = {"dino": config.dino_model, "ir": config.ir_model}
+    return {name: sources[name] for name in config.similarity_names}
+
+
 def load_similarity_loss(config: GenerateConfig | EditConfig, subjects: list[Image.Image], cache: ModelCache,
                          device: torch.device, dtype: torch.dtype, status: Status = _quiet) -> SimilarityLoss:
     """The config's similarity models (from the cache), weighted, against the subject photo(s)."""
-    sources = {"dino": config.dino_model, "ir": config.ir_model}
+    sources = similarity_sources(config)
     weights = {"dino": config.dino_weight, "ir": config.ir_weight}
     models = {}
-    for name in config.similarity_names:
+    for name in sources:
         status(f"Loading the {name} similarity model {sources[name]}")
         models[name] = cache.similarity(name, sources[name], device, dtype)
     return SimilarityLoss(models, {n: weights[n] for n in models}, [pil_to_tensor(s) for s in subjects])

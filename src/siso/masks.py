@@ -1,9 +1,9 @@
 """The mask of the object an edit replaces: the user's drawing, or Grounding DINO + SAM.
 
-Grounding DINO finds "a {class}." in the scene, SAM turns the best box into a mask (its candidate
-with the highest predicted IoU; the reference implementation takes the union of the candidates,
-which can swallow the background with the "whole image" candidate). 1 marks the object to replace,
-0 the background the edit must keep.
+Grounding DINO finds "a {class}." in the scene, SAM turns the best box into a mask as the reference
+implementation does: the union of SAM's candidate masks, then only its largest region, with holes
+filled (the reference fills the largest contour). 1 marks the object to replace, 0 the background
+the edit must keep.
 """
 
 from __future__ import annotations
@@ -71,6 +71,24 @@ def _checked(binary: np.ndarray, what: str, advice: str) -> torch.Tensor:
     if binary.all():
         raise SisoError(f"{what} covers the whole image: no background is left to keep. {advice}")
     return torch.from_numpy(binary.astype(np.float32))[None, None]
+
+
+def largest_region_filled(binary: np.ndarray) -> np.ndarray:
+    """The largest 8-connected region of ``binary`` with its holes filled; all False if it is empty.
+
+    The reference traces the union mask's outer contours, keeps the one of largest area and fills
+    it as a polygon; the filled largest region is the same set of pixels up to the contour's own
+    one-pixel rasterisation (and, between two near-equal regions, area by pixel count rather than
+    by polygon area).
+    """
+    from scipy import ndimage
+
+    labels, count = ndimage.label(binary, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
+        return np.zeros_like(binary, dtype=bool)
+    sizes = np.bincount(labels.ravel())[1:]
+    largest = labels == (int(sizes.argmax()) + 1)
+    return ndimage.binary_fill_holes(largest)
 
 
 def load_user_mask(path: str | Path, scene_size: tuple[int, int], resolution: int) -> ObjectMask:
@@ -151,15 +169,14 @@ class ObjectFinder:
 
     @torch.no_grad()
     def segment(self, image: Image.Image, box: tuple[float, float, float, float]) -> np.ndarray:
-        """SAM's mask for ``box``: (H, W) bool, the candidate SAM rates best (predicted IoU)."""
+        """SAM's mask for ``box``: (H, W) bool, the union of its candidates, largest region filled."""
         inputs = self.segmenter_processor(images=image, input_boxes=[[list(box)]], return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         outputs = self.segmenter(**inputs)
         masks = self.segmenter_processor.post_process_masks(
             outputs.pred_masks.cpu(), inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu(),
         )[0]  # (boxes, candidates, H, W) bool
-        best = int(outputs.iou_scores[0, 0].argmax())
-        return masks[0, best].numpy()
+        return largest_region_filled(masks[0].any(dim=0).numpy())
 
     def find(self, image: Image.Image, class_name: str, box_threshold: float, text_threshold: float,
              scene: str = "the scene") -> ObjectMask:

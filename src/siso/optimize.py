@@ -2,7 +2,9 @@
 LoRA parameters, and yields one event per iteration.
 
 Everything else (run directory, progress bar, web app, Ctrl-C) hangs off the event stream.
-Stopping at any point keeps the best iteration so far.
+Stopping at any point keeps the best iteration so far: the iteration with the lowest total loss,
+with the LoRA that rendered it. Early stopping follows the authors' reference rule exactly, on
+the reference's own loss (see :class:`EarlyStopping`).
 """
 
 from __future__ import annotations
@@ -49,22 +51,28 @@ class StepEvent:
 
 
 class EarlyStopping:
-    """Stop when the loss has not improved by ``pct`` % for ``patience`` iterations in a row.
+    """Stop when the loss has not improved by ``pct`` % for ``patience`` iterations in a row: the
+    authors' reference rule, applied to the reference's loss.
 
-    "Improved" is measured against the loss of the last significant improvement, so a slow drift
-    of tiny improvements does not keep a run alive (the reference implementation's rule, with a
-    positive loss).
+    siso reports distances, ``total = sum_m w_m (1 - cos_m)`` (+ ``c * bg`` when editing); the
+    reference's loss is ``L_ref = -sum_m w_m cos_m`` (+ ``c * bg``), i.e. ``total - offset`` with
+    ``offset = sum_m w_m``. An iteration improves when ``L_ref < ref * (1 + pct / 100)``, ``ref``
+    being ``L_ref`` at the last improvement (``+inf`` at first). For a negative ``L_ref`` that asks
+    for ``pct`` % of the summed cosines, not of the much smaller distances: the same iterations
+    count as improvements as in the reference, so runs stop where its runs stopped.
     """
 
-    def __init__(self, pct: float, patience: int) -> None:
-        self.factor = 1.0 - pct / 100.0
+    def __init__(self, pct: float, patience: int, offset: float = 0.0) -> None:
+        self.factor = 1.0 + pct / 100.0
         self.patience = patience
+        self.offset = offset
         self.reference = math.inf
         self.stale = 0
 
-    def update(self, loss: float) -> bool:
-        """Record ``loss``; True when the run should stop."""
-        if loss < self.reference * self.factor or self.reference == math.inf:
+    def update(self, total: float) -> bool:
+        """Record siso's ``total`` loss of one iteration; True when the run should stop."""
+        loss = total - self.offset
+        if loss < self.reference * self.factor:  # inf * factor stays inf: the first finite loss improves
             self.reference = loss
             self.stale = 0
         else:
@@ -76,16 +84,20 @@ class EarlyStopping:
 class Optimization:
     """An iterable optimisation: ``for event in optimization`` runs it, one event per iteration.
 
-    ``render()`` must return an image in [0, 1] whose graph reaches ``params``; ``loss_fn(image)``
-    returns a dict of scalar tensors including ``total``; ``snapshot()`` copies the LoRA weights.
-    After (or during) iteration, ``best_*``, ``history`` and ``stop_reason`` describe the run.
+    ``render()`` must return an image in [0, 1] whose graph reaches ``params`` (parameters, or AdamW
+    parameter groups: dicts with ``params`` and their own ``lr`` / ``weight_decay``);
+    ``loss_fn(image)`` returns a dict of scalar tensors including ``total``; ``snapshot()`` copies
+    the LoRA weights; ``early_stop_offset`` turns ``total`` into the reference's loss for early
+    stopping (:class:`EarlyStopping`). After (or during) iteration, ``best_*``, ``history`` and
+    ``stop_reason`` describe the run.
     """
 
     render: Callable[[], torch.Tensor]
     loss_fn: Callable[[torch.Tensor], dict[str, torch.Tensor]]
-    params: Sequence[torch.nn.Parameter]
+    params: Sequence[torch.nn.Parameter] | Sequence[dict[str, Any]]
     snapshot: Callable[[], Any]
     settings: LoopSettings = field(default_factory=LoopSettings)
+    early_stop_offset: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
     best_step: int | None = None
     best_total: float = math.inf
@@ -95,6 +107,11 @@ class Optimization:
     _stop_requested: bool = False
     _optimizer: torch.optim.Optimizer | None = None
     _stopper: EarlyStopping | None = None
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Every trained parameter, whether ``params`` lists them or groups them."""
+        return [p for item in self.params for p in (item["params"] if isinstance(item, dict) else [item])]
 
     def extend(self, extra_steps: int) -> None:
         """Allow ``extra_steps`` more iterations with fresh early-stopping patience (Continue)."""
@@ -113,8 +130,10 @@ class Optimization:
             self._optimizer = torch.optim.AdamW(
                 self.params, lr=s.learning_rate, betas=s.adam_betas, weight_decay=s.adam_weight_decay, eps=s.adam_eps
             )
-            self._stopper = EarlyStopping(s.early_stop_pct, s.early_stop_patience)
+            self._stopper = EarlyStopping(s.early_stop_pct, s.early_stop_patience, self.early_stop_offset)
         optimizer, stopper = self._optimizer, self._stopper
+        # Clipped together, as the reference clips the denoiser's and the text encoders' LoRA.
+        clipped = self.parameters
         self.stop_reason, self._stop_requested = None, False
         start_step = len(self.history)
         for step in range(start_step, s.max_steps):
@@ -142,7 +161,7 @@ class Optimization:
             else:
                 # Update before yielding, so the graph is freed while the consumer writes files.
                 total.backward()
-                torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(clipped, s.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             del total, losses

@@ -74,23 +74,28 @@ def lora_loaded(backbone: Backbone, lora: Path | None) -> Iterator[None]:
 
 def render_with(backbone: Backbone, config: RenderConfig) -> Image.Image:
     steps = config.steps or backbone.preset.render_steps
+    extra = dict(backbone.plain_pipeline_kwargs())
+    if config.prompt_tokens is not None:
+        if backbone.preset.prompt_max_tokens is None:
+            raise SisoError(f"--prompt-tokens applies to FLUX and Sana pipelines (T5 / Gemma prompts); "
+                            f"{backbone.model_id}'s CLIP prompts are always 77 tokens. Drop --prompt-tokens.")
+        extra["max_sequence_length"] = config.prompt_tokens
     backbone.restore_text_encoders()  # a cached backbone's optimisation may have parked them on the CPU
     generator = torch.Generator(backbone.device).manual_seed(config.seed)
     with torch.no_grad():
         images = backbone.pipeline(
             config.prompt, num_inference_steps=steps, guidance_scale=backbone.preset.guidance_scale,
-            generator=generator, height=config.resolution, width=config.resolution, output_type="pt",
-            **backbone.plain_pipeline_kwargs(),
+            generator=generator, height=config.resolution, width=config.resolution, output_type="pt", **extra,
         ).images
     return tensor_to_pil(images[0])
 
 
 def render(model: str, prompt: str, lora: str | Path | None = None, out: str | Path | None = None, *,
            steps: int | None = None, seed: int = 42, resolution: int = 512, device: str = "auto",
-           dtype: str = "auto") -> Image.Image:
+           dtype: str = "auto", prompt_tokens: int | None = None) -> Image.Image:
     """Render ``prompt`` with ``model`` plus an optional learned LoRA; write ``out`` if given."""
     config = RenderConfig(model=model, prompt=prompt, lora=Path(lora) if lora else None, steps=steps, seed=seed,
-                          resolution=resolution, device=device, dtype=dtype)
+                          resolution=resolution, device=device, dtype=dtype, prompt_tokens=prompt_tokens)
     if out is not None and Path(out).suffix.lower() != ".png":
         raise SisoError(f"--out {out} must be a .png file path.")
     backbone = load_render_backbone(config)

@@ -92,11 +92,25 @@ class Backbone(ABC):
         """The default of a parameter of the pipeline's ``__call__``, so we encode as it does."""
         return inspect.signature(type(self.pipeline).__call__).parameters[parameter].default
 
+    @property
+    def prompt_max_tokens(self) -> int:
+        """Prompt tokens while optimising: the preset's, else the pipeline's own default."""
+        if self.preset.prompt_max_tokens is not None:
+            return self.preset.prompt_max_tokens
+        return self._call_default("max_sequence_length")
+
     @classmethod
     def plain_pipeline_kwargs(cls) -> dict[str, Any]:
         """Extra arguments for a plain ``pipeline(...)`` call so that it samples what ``render`` does
         (``siso render`` and the tests use them)."""
         return {}
+
+    @classmethod
+    def optimisation_pipeline_kwargs(cls) -> dict[str, Any]:
+        """What a plain ``pipeline(...)`` call needs on top of :meth:`plain_pipeline_kwargs` to render
+        exactly what the optimisation rendered (the shorter prompt, where the preset shortens it)."""
+        tokens = cls.preset.prompt_max_tokens
+        return {**cls.plain_pipeline_kwargs(), **({"max_sequence_length": tokens} if tokens is not None else {})}
 
     # -- memory ---------------------------------------------------------------------------------
     def offload_text_encoders(self) -> tuple[str, ...]:

@@ -19,10 +19,12 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from ..config import BackbonePreset
 from .base import Backbone, Conditioning, cuda_memory_gib
 
-# diffusers' FLUX LoRA layout (train_dreambooth_lora_flux.py): the attention projections of the
-# image and text streams of the double blocks, and of the single blocks.
+# The reference's FLUX LoRA (its siso_generation_flux.py default, as diffusers' FLUX DreamBooth
+# script): the attention projections of the image and text streams of the double blocks and of the
+# single blocks, plus the double blocks' feed-forward layers of both streams.
 FLUX_LORA_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
 )
 
 
@@ -35,9 +37,14 @@ class FluxBackbone(Backbone):
     # A kohya file in diffusers' key names does not load back: FLUX's kohya loaders expect Black
     # Forest Labs' block names.
     lora_formats: ClassVar[tuple[str, ...]] = ("diffusers",)
-    # FLUX.1-schnell: one step while optimising (more gives poor images), no guidance, 4 to render.
-    preset: ClassVar[BackbonePreset] = BackbonePreset(learning_rate=2e-4, denoise_steps=1, grad_steps=1,
-                                                      guidance_scale=0.0, render_steps=4)
+    # FLUX.1-schnell as the reference runs it: one step while optimising (more gives poor images), no
+    # guidance, 4 to render; weight decay 1e-4; the CLIP text encoder's LoRA on, in its own AdamW
+    # group (lr 5e-6, weight decay 1e-3); T5 prompts of 256 tokens while optimising (512 to render).
+    preset: ClassVar[BackbonePreset] = BackbonePreset(
+        learning_rate=2e-4, weight_decay=1e-4, denoise_steps=1, grad_steps=1, guidance_scale=0.0, render_steps=4,
+        train_text_encoder=True, text_encoder_learning_rate=5e-6, text_encoder_weight_decay=1e-3,
+        prompt_max_tokens=256,
+    )
     #: Memory savers by GPU size (GiB), all exact. The thresholds rest on estimates (parameter counts
     #: plus the measured SD-Turbo/SDXL-Turbo overheads, 512 px, bf16, DINO + IR), not measurements:
     #: resident weights with activations kept ~40 GiB; with gradient checkpointing ~29 GiB in the
@@ -80,8 +87,7 @@ class FluxBackbone(Backbone):
             return self._t5_cache[1]
         with torch.no_grad(), self._text_encoders_on_device("text_encoder_2"):
             embeds = self.pipeline._get_t5_prompt_embeds(
-                prompt=prompt, num_images_per_prompt=1,
-                max_sequence_length=self._call_default("max_sequence_length"), device=self.device,
+                prompt=prompt, num_images_per_prompt=1, max_sequence_length=self.prompt_max_tokens, device=self.device,
             )
         if not torch.is_inference_mode_enabled():  # an inference tensor must not reach a later autograd run
             self._t5_cache = (prompt, embeds)

@@ -14,7 +14,8 @@ from .stable_diffusion import StableDiffusionBackbone
 class StableDiffusionXLBackbone(StableDiffusionBackbone):
     pipeline_classes: ClassVar[tuple[str, ...]] = ("StableDiffusionXLPipeline",)
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
-    preset: ClassVar[BackbonePreset] = BackbonePreset(learning_rate=2e-4, render_steps=4)
+    # The reference runs SDXL-Turbo with the text encoders' LoRA on, in the denoiser's AdamW group.
+    preset: ClassVar[BackbonePreset] = BackbonePreset(learning_rate=2e-4, render_steps=4, train_text_encoder=True)
 
     def encode_prompt(self, prompt: str, resolution: int) -> Conditioning:
         pipe = self.pipeline

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..config import EditConfig, GenerateConfig
 from ..errors import SisoError
+from ..ir_cache import DINO_ONLY_NOTICE, IR_AUTO, resolve_ir_model
 from .clip import DEFAULT_CLIP_MODEL, DEFAULT_CMMD_MODEL
 from .cropping import DEFAULT_DETECTOR_MODEL
 
@@ -50,8 +51,15 @@ class BenchSettings:
         bad = [name for name in _PER_ITEM_FIELDS[self.task] if name in self.options]
         if bad:
             raise SisoError(f"The benchmark sets {', '.join(bad)} per item; leave them out of the options.")
-        object.__setattr__(self, "options", dict(self.options))
+        # "auto" becomes the IR model found now, so bench.json names what every item (resumed ones too) uses.
+        options = {**self.options, "ir_model": resolve_ir_model(self.options.get("ir_model", IR_AUTO))}
+        object.__setattr__(self, "options", options)
         self.run_config()  # the config's own checks, before any model loads
+
+    @property
+    def notice(self) -> str | None:
+        """What to tell the user before the run: the loss is not the paper's without an IR model."""
+        return DINO_ONLY_NOTICE if self.options["ir_model"] is None and "similarity" not in self.options else None
 
     def generate_config(self, subject: str | Path, prompt: str) -> GenerateConfig:
         return GenerateConfig(subjects=(subject,), prompt=prompt, **self.options)

@@ -29,6 +29,11 @@ class SimilarityLoss(nn.Module):
                 embeddings = torch.cat([model.embed(ref.to(device)) for ref in references])
                 self.register_buffer(f"reference_{name}", F.normalize(embeddings, dim=-1), persistent=False)
 
+    @property
+    def offset(self) -> float:
+        """``total - offset`` is the reference's loss ``-sum_m w_m cos_m`` (what early stopping measures)."""
+        return float(sum(self.weights[name] for name in self.models))
+
     def distances(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per model, the mean over references of 1 - cosine similarity, shape (B,)."""
         out = {}
