@@ -52,7 +52,7 @@ class SessionControls:
         state: LoraState = self.optimization.best_lora
         if state is None:
             raise SisoError("No iteration finished, so there is no LoRA to save yet.")
-        return save_lora(self.backbone, state, directory, self.config.lora_format)
+        return save_lora(self.backbone, state, directory, self.config.lora_format, self.config.resolution)
 
 
 @dataclass
