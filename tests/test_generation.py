@@ -60,7 +60,7 @@ class Captured:
 @pytest.fixture(scope="module", params=["sd", "sdxl"])
 def finished_run(request, sd_dir, sdxl_dir, dino_dir, ir_dir, subject_photo, tmp_path_factory):
     model_dir = {"sd": sd_dir, "sdxl": sdxl_dir}[request.param]
-    config = tiny_config(model_dir, subject_photo, dino_dir, ir_model=str(ir_dir), lora_format=("diffusers", "kohya"))
+    config = tiny_config(model_dir, subject_photo, dino_dir, ir_model=str(ir_dir))  # default lora formats
     captured = Captured()
     out = tmp_path_factory.mktemp(f"run-{request.param}") / "run"
     result = run_generation(config, out, on_step=captured.on_step, on_session=captured.on_session)
@@ -86,6 +86,7 @@ def test_run_directory_contract(finished_run):
     config = record["config"]
     assert config["seed"] == 42 and config["lora_rank"] == 4 and config["similarity"] == ["dino", "ir"]
     assert config["learning_rate"] == 5e-3 and config["denoise_steps"] == 1 and config["grad_steps"] == 1
+    assert config["lora_format"] == ["diffusers", "kohya"]  # SD and SDXL write both files by default
     assert {"torch", "diffusers", "transformers", "peft"} <= set(record["versions"])
     assert record["timings"]["seconds_per_step"] > 0
     # best.png is the best iteration's image.
@@ -159,8 +160,7 @@ def test_text_encoder_lora_round_trip(name, sd_dir, sdxl_dir, dino_dir, subject_
     """Both files, with text-encoder LoRA, give the run's image in plain diffusers (0.42, transformers 5:
     the files' ``text_model.`` level is stripped again for the flattened CLIPTextModel)."""
     model_dir = {"sd": sd_dir, "sdxl": sdxl_dir}[name]
-    config = tiny_config(model_dir, subject_photo, dino_dir, train_text_encoder=True, max_steps=4,
-                         lora_format=("diffusers", "kohya"))
+    config = tiny_config(model_dir, subject_photo, dino_dir, train_text_encoder=True, max_steps=4)
     captured = Captured()
     result = run_generation(config, tmp_path / "run", on_session=captured.on_session)
     best = captured.session.optimization.best_image

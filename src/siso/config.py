@@ -59,7 +59,7 @@ class GenerateConfig:
     ir_weight: float = 1.0
     device: str = "auto"
     dtype: str = "auto"
-    lora_format: tuple[str, ...] = ("diffusers",)
+    lora_format: tuple[str, ...] | None = None  # None: the backbone's default_lora_formats
     # Adam, grad clipping: the reference's values; not on the CLI, but recorded.
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_weight_decay: float = 1e-2
@@ -87,10 +87,7 @@ class GenerateConfig:
             raise SisoError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}.")
         if self.dtype not in DTYPES:
             raise SisoError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
-        object.__setattr__(self, "lora_format", tuple(self.lora_format))
-        for fmt in self.lora_format:
-            if fmt not in LORA_FORMATS:
-                raise SisoError(f"--lora-format must be one of {', '.join(LORA_FORMATS)}, got {fmt!r}.")
+        object.__setattr__(self, "lora_format", _check_lora_formats(self.lora_format))
         if self.similarity is not None:
             names = tuple(self.similarity)
             unknown = [n for n in names if n not in SIMILARITY_NAMES]
@@ -112,9 +109,11 @@ class GenerateConfig:
             return self.similarity
         return ("dino", "ir") if self.ir_model else ("dino",)
 
-    def resolved(self, preset: BackbonePreset) -> GenerateConfig:
-        """Fill every ``None`` knob from the backbone preset, so the record shows what ran."""
+    def resolved(self, preset: BackbonePreset, lora_formats: tuple[str, ...] = ("diffusers",)) -> GenerateConfig:
+        """Fill every ``None`` knob from the backbone preset and its default ``lora_formats``, so the
+        record shows what ran."""
         values = {
+            "lora_format": self.lora_format if self.lora_format is not None else lora_formats,
             "learning_rate": self.learning_rate if self.learning_rate is not None else preset.learning_rate,
             "early_stop_patience": (
                 self.early_stop_patience if self.early_stop_patience is not None else preset.early_stop_patience
@@ -141,6 +140,16 @@ def _replace(config: GenerateConfig, **changes: Any) -> GenerateConfig:
     values = {f.name: getattr(config, f.name) for f in fields(config)}
     values.update(changes)
     return type(config)(**values)
+
+
+def _check_lora_formats(formats: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    if formats is None:
+        return None
+    formats = tuple(formats)
+    for fmt in formats:
+        if fmt not in LORA_FORMATS:
+            raise SisoError(f"--lora-format must be one of {', '.join(LORA_FORMATS)}, got {fmt!r}.")
+    return formats
 
 
 def _check_positive(flag: str, value: int) -> None:
@@ -216,7 +225,7 @@ class EditConfig:
     text_threshold: float = 0.25
     device: str = "auto"
     dtype: str = "auto"
-    lora_format: tuple[str, ...] = ("diffusers",)
+    lora_format: tuple[str, ...] | None = None  # None: the backbone's default_lora_formats
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_weight_decay: float = 1e-2
     adam_eps: float = 1e-8
@@ -258,10 +267,7 @@ class EditConfig:
             raise SisoError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}.")
         if self.dtype not in DTYPES:
             raise SisoError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
-        object.__setattr__(self, "lora_format", tuple(self.lora_format))
-        for fmt in self.lora_format:
-            if fmt not in LORA_FORMATS:
-                raise SisoError(f"--lora-format must be one of {', '.join(LORA_FORMATS)}, got {fmt!r}.")
+        object.__setattr__(self, "lora_format", _check_lora_formats(self.lora_format))
         if self.similarity is not None:
             names = tuple(self.similarity)
             if not names or any(n not in SIMILARITY_NAMES for n in names):
@@ -278,9 +284,10 @@ class EditConfig:
             return self.similarity
         return ("dino", "ir") if self.ir_model else ("dino",)
 
-    def resolved(self) -> EditConfig:
-        """Fill the ``None`` knobs that have a fixed answer, so the record shows what ran."""
-        return _replace(self, similarity=self.similarity_names)
+    def resolved(self, lora_formats: tuple[str, ...] = ("diffusers",)) -> EditConfig:
+        """Fill the ``None`` knobs (``lora_formats``: the backbone's default), so the record shows what ran."""
+        return _replace(self, similarity=self.similarity_names,
+                        lora_format=self.lora_format if self.lora_format is not None else lora_formats)
 
     def to_record(self) -> dict[str, Any]:
         record = asdict(self)

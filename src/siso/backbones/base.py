@@ -57,14 +57,17 @@ class Backbone(ABC):
         self._offloaded: set[str] = set()  # text encoders parked on the CPU by offload_text_encoders
 
     @classmethod
-    def check_options(cls, model: str, train_text_encoder: bool, lora_formats: tuple[str, ...] = ()) -> None:
-        """Refuse, before anything is loaded, options this model family cannot honour."""
+    def check_options(cls, model: str, train_text_encoder: bool, lora_formats: tuple[str, ...] | None = ()) -> None:
+        """Refuse, before anything is loaded, options this model family cannot honour.
+
+        ``lora_formats`` None means the family's defaults, which it always honours.
+        """
         if train_text_encoder and not cls.text_encoder_names:
             raise SisoError(
                 f"--train-text-encoder does not apply to {model}: {cls.text_encoder_lora_refusal} "
                 "Drop --train-text-encoder; the LoRA on the denoiser is what SISO optimises."
             )
-        unsupported = [fmt for fmt in lora_formats if fmt not in cls.lora_formats]
+        unsupported = [fmt for fmt in lora_formats or () if fmt not in cls.lora_formats]
         if unsupported:
             raise SisoError(
                 f"--lora-format {unsupported[0]} is not available for {model} ({', '.join(cls.pipeline_classes)}): "
