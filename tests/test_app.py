@@ -103,24 +103,30 @@ def test_generate_watch_stop_and_download_the_lora(served_app, browser, subject_
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "app-generate.png"), full_page=True)
 
-    with page.expect_download() as download_info:
-        page.click("#downloads a[download='pytorch_lora_weights.safetensors']")
+    # Both LoRA files are offered, each labelled by where it loads.
+    label = page.inner_text("#downloads")
+    assert "LoRA for diffusers" in label and "LoRA for ComfyUI / A1111" in label
     lora_dir = tmp_path / "downloaded"
     lora_dir.mkdir()
-    download_info.value.save_as(lora_dir / "pytorch_lora_weights.safetensors")
+    for name in ("pytorch_lora_weights.safetensors", "siso_lora_kohya.safetensors"):
+        with page.expect_download() as download_info:
+            page.click(f"#downloads a[download='{name}']")
+        download_info.value.save_as(lora_dir / name)
 
-    # The downloaded LoRA, in plain diffusers, renders the run's best image again.
+    # Each downloaded LoRA, in plain diffusers, renders the run's best image again.
     (run_dir,) = [p for p in runs.iterdir() if p.is_dir() and "generate" in p.name]
     record = json.loads((run_dir / "run.json").read_text())
     assert record["stop_reason"] == "interrupted" and record["status"] == "finished"
     assert len(record["losses"]) >= 2
-    pipe = DiffusionPipeline.from_pretrained(sd_dir)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(lora_dir)
-    with torch.no_grad():
-        image = pipe("a photo of a dog", num_inference_steps=1, guidance_scale=0.0, height=RESOLUTION,
-                     width=RESOLUTION, generator=torch.Generator("cpu").manual_seed(42), output_type="pil").images[0]
-    assert torch.equal(pil_to_tensor(image), pil_to_tensor(Image.open(run_dir / "best.png")))
+    for name in ("pytorch_lora_weights.safetensors", "siso_lora_kohya.safetensors"):
+        pipe = DiffusionPipeline.from_pretrained(sd_dir)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(lora_dir, weight_name=name)
+        with torch.no_grad():
+            image = pipe("a photo of a dog", num_inference_steps=1, guidance_scale=0.0, height=RESOLUTION,
+                         width=RESOLUTION, generator=torch.Generator("cpu").manual_seed(42),
+                         output_type="pil").images[0]
+        assert torch.equal(pil_to_tensor(image), pil_to_tensor(Image.open(run_dir / "best.png"))), name
     page.close()
 
 

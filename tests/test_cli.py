@@ -117,12 +117,16 @@ def test_ctrl_c_stops_after_the_current_iteration(tmp_path, sd_dir, dino_dir, su
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file() and (out / "losses.png").is_file()
 
 
-@pytest.mark.parametrize("fmt", ["kohya"])
-def test_lora_format_flag(run_siso, monkeypatch, tmp_path, sd_dir, dino_dir, subject_photo, fmt):
+@pytest.mark.parametrize("flags, formats", [
+    ((), ["diffusers", "kohya"]),  # SD's default: both files
+    (("--lora-format", "kohya"), ["diffusers", "kohya"]),
+    (("--lora-format", "diffusers"), ["diffusers"]),
+])
+def test_lora_format_flag(run_siso, monkeypatch, tmp_path, sd_dir, dino_dir, subject_photo, flags, formats):
     out = tmp_path / "run"
-    code, text = run_siso(*generate_args(sd_dir, dino_dir, subject_photo, out,
-                                                              "--max-steps", "1", "--lora-format", fmt))
+    code, text = run_siso(*generate_args(sd_dir, dino_dir, subject_photo, out, "--max-steps", "1", *flags))
     assert code == 0, text
-    assert sorted(p.name for p in (out / "lora").iterdir()) == [
-        "pytorch_lora_weights.safetensors", "siso_lora_kohya.safetensors"
-    ]
+    names = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "siso_lora_kohya.safetensors"}
+    assert sorted(p.name for p in (out / "lora").iterdir()) == [names[f] for f in formats]
+    assert json.loads((out / "run.json").read_text())["config"]["lora_format"] == formats
+    assert ("siso_lora_kohya.safetensors  (ComfyUI: LoraLoader" in text) == ("kohya" in formats)  # the summary

@@ -97,6 +97,8 @@ def test_edit_run_directory(planted_edit):
     assert {"input.png", "mask.png", "reconstruction.png", "best.png", "losses.png", "run.json", "steps",
             "lora"} <= {p.name for p in out.iterdir()}
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "lora" / "siso_lora_kohya.safetensors").is_file()  # SD's default: both files
+    assert record["config"]["lora_format"] == ["diffusers", "kohya"]
     # input.png is the framed scene, mask.png the framed mask, reconstruction.png the inverted scene.
     scene = square_crop(load_image(SCENE), RESOLUTION)
     assert np.array_equal(np.asarray(Image.open(out / "input.png")), np.asarray(scene))

@@ -10,6 +10,7 @@ import torch
 from conftest import RESOLUTION
 from diffusers import DiffusionPipeline
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from siso.config import GenerateConfig
@@ -59,7 +60,7 @@ class Captured:
 @pytest.fixture(scope="module", params=["sd", "sdxl"])
 def finished_run(request, sd_dir, sdxl_dir, dino_dir, ir_dir, subject_photo, tmp_path_factory):
     model_dir = {"sd": sd_dir, "sdxl": sdxl_dir}[request.param]
-    config = tiny_config(model_dir, subject_photo, dino_dir, ir_model=str(ir_dir), lora_format=("diffusers", "kohya"))
+    config = tiny_config(model_dir, subject_photo, dino_dir, ir_model=str(ir_dir))  # default lora formats
     captured = Captured()
     out = tmp_path_factory.mktemp(f"run-{request.param}") / "run"
     result = run_generation(config, out, on_step=captured.on_step, on_session=captured.on_session)
@@ -85,6 +86,7 @@ def test_run_directory_contract(finished_run):
     config = record["config"]
     assert config["seed"] == 42 and config["lora_rank"] == 4 and config["similarity"] == ["dino", "ir"]
     assert config["learning_rate"] == 5e-3 and config["denoise_steps"] == 1 and config["grad_steps"] == 1
+    assert config["lora_format"] == ["diffusers", "kohya"]  # SD and SDXL write both files by default
     assert {"torch", "diffusers", "transformers", "peft"} <= set(record["versions"])
     assert record["timings"]["seconds_per_step"] > 0
     # best.png is the best iteration's image.
@@ -105,11 +107,13 @@ def test_lora_round_trip_through_plain_diffusers(finished_run):
 
 def test_kohya_file_loads_in_plain_diffusers(finished_run):
     model_dir, result, captured = finished_run
-    state = load_file(result.lora_dir / KOHYA_WEIGHT_NAME)
+    with safe_open(result.lora_dir / KOHYA_WEIGHT_NAME, "pt") as file:
+        keys, metadata = list(file.keys()), file.metadata()
     # SDXL trains its text encoders' LoRA by default (as the reference runs it).
-    assert all(key.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for key in state)
-    assert any(key.startswith("lora_unet_") for key in state)
-    assert any(key.endswith(".alpha") for key in state)
+    assert all(key.startswith(("lora_unet_", "lora_te1_text_model_", "lora_te2_text_model_")) for key in keys)
+    assert any(key.startswith("lora_unet_") for key in keys)
+    assert any(key.endswith(".alpha") for key in keys)
+    assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_base_model_version"]
     again = plain_render(model_dir, lora_dir=result.lora_dir, weight_name=KOHYA_WEIGHT_NAME)
     assert (again - captured.session.optimization.best_image).abs().max().item() <= 1e-5
 
@@ -146,15 +150,68 @@ def test_gradients_reach_the_lora_only(sd_dir, dino_dir, subject_photo):
     assert any(p.abs().sum() > 0 for p in session.optimization.parameters if p.shape[0] != 4)
 
 
-def test_text_encoder_lora_round_trip(sdxl_dir, dino_dir, subject_photo, tmp_path):
-    config = tiny_config(sdxl_dir, subject_photo, dino_dir, train_text_encoder=True, max_steps=4)
+# kohya prefixes: one text encoder (SD 1/2) is lora_te, SDXL's two are lora_te1 and lora_te2.
+TEXT_ENCODER_PREFIXES = {
+    "sd": ("lora_unet_", "lora_te_text_model_"),
+    "sdxl": ("lora_unet_", "lora_te1_text_model_", "lora_te2_text_model_"),
+}
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_text_encoder_lora_round_trip(name, sd_dir, sdxl_dir, dino_dir, subject_photo, tmp_path):
+    """Both files, with text-encoder LoRA, give the run's image in plain diffusers (0.42, transformers 5:
+    the files' ``text_model.`` level is stripped again for the flattened CLIPTextModel)."""
+    model_dir = {"sd": sd_dir, "sdxl": sdxl_dir}[name]
+    config = tiny_config(model_dir, subject_photo, dino_dir, train_text_encoder=True, max_steps=4)
     captured = Captured()
     result = run_generation(config, tmp_path / "run", on_session=captured.on_session)
+    best = captured.session.optimization.best_image
+    assert result.best_step > 0, "the LoRA must have moved for this test to mean something"
     state = load_file(result.lora_dir / "pytorch_lora_weights.safetensors")
-    prefixes = {key.split(".")[0] for key in state}
-    assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
-    again = plain_render(sdxl_dir, lora_dir=result.lora_dir)
-    assert (again - captured.session.optimization.best_image).abs().max().item() <= 1e-5
+    encoders = {"sd": {"text_encoder"}, "sdxl": {"text_encoder", "text_encoder_2"}}[name]
+    assert {key.split(".")[0] for key in state} == {"unet"} | encoders
+    assert all(key.split(".")[1] == "text_model" for key in state if not key.startswith("unet."))
+    kohya = load_file(result.lora_dir / KOHYA_WEIGHT_NAME)
+    assert all(key.startswith(TEXT_ENCODER_PREFIXES[name]) for key in kohya)
+    assert {prefix for prefix in TEXT_ENCODER_PREFIXES[name] if any(k.startswith(prefix) for k in kohya)} == set(
+        TEXT_ENCODER_PREFIXES[name])
+    for weight_name in (None, KOHYA_WEIGHT_NAME):
+        again = plain_render(model_dir, lora_dir=result.lora_dir, weight_name=weight_name)
+        assert (again - best).abs().max().item() <= 1e-5, weight_name
+
+
+def test_kohya_alpha_comes_from_the_adapter_config(sd_dir, tmp_path):
+    """A LoRA with lora_alpha = 2 x rank: the kohya file carries that alpha, so plain diffusers scales
+    each layer as the live adapter did (an alpha written as the rank would halve the LoRA)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from siso.backbones import load_backbone
+    from siso.lora import ADAPTER_NAME, save_lora, snapshot_lora
+
+    backbone = load_backbone(str(sd_dir), torch.device("cpu"), torch.float32)
+    for name in ("unet", "text_encoder"):
+        model = getattr(backbone.pipeline, name)
+        targets = list(backbone.lora_targets if name == "unet" else backbone.text_encoder_lora_targets)
+        config = LoraConfig(r=2, lora_alpha=4, init_lora_weights="gaussian", target_modules=targets)
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in [*backbone.pipeline.unet.named_parameters(),
+                            *backbone.pipeline.text_encoder.named_parameters()]:
+            if "lora_B" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+        pipe = backbone.pipeline
+        expected = pipe(PROMPT, num_inference_steps=1, guidance_scale=0.0, height=RESOLUTION, width=RESOLUTION,
+                        generator=torch.Generator("cpu").manual_seed(42), output_type="pt").images
+    save_lora(backbone, snapshot_lora(backbone), tmp_path / "lora", ("diffusers", "kohya"))
+    assert (expected - plain_render(sd_dir)).abs().max().item() > 1e-3, "the LoRA must change the image"
+    again = plain_render(sd_dir, lora_dir=tmp_path / "lora", weight_name=KOHYA_WEIGHT_NAME)
+    assert (again - expected).abs().max().item() <= 1e-5
+    with safe_open(tmp_path / "lora" / KOHYA_WEIGHT_NAME, "pt") as file:
+        keys = file.keys()
+        alphas = {file.get_tensor(key).item() for key in keys if key.endswith(".alpha")}
+        metadata = file.metadata()
+    assert alphas == {4.0} and metadata["ss_network_alpha"] == "4.0" and metadata["ss_network_dim"] == "2"
 
 
 def test_planted_subject_is_recovered(sd_dir, dino_dir, ir_dir, subject_photo, tmp_path):

@@ -30,7 +30,7 @@ from .files import write_png
 from .generation import GenerationRun, start_generation
 from .images import tensor_to_pil
 from .ir_cache import IR_AUTO
-from .lora import DIFFUSERS_WEIGHT_NAME
+from .lora import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME
 from .models import ModelCache
 from .optimize import StepEvent
 from .rendering import load_render_backbone, lora_loaded, render_with
@@ -180,7 +180,9 @@ class SisoApp:
             status = f"**Finished** ({reason}). " + status + f" · run directory `{out}`"
         downloads = None
         if finished and (out / "lora" / DIFFUSERS_WEIGHT_NAME).is_file():
-            downloads = [str(out / "best.png"), str(out / "lora" / DIFFUSERS_WEIGHT_NAME)]
+            # The kohya file is there for SD and SDXL runs (ComfyUI / A1111 load it); FLUX and Sana have none.
+            loras = [out / "lora" / name for name in (DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME)]
+            downloads = [str(out / "best.png"), *(str(path) for path in loras if path.is_file())]
         return (
             tensor_to_pil(latest.image) if latest else None,
             steps[-24:],  # the gallery shows the latest iterations
@@ -248,6 +250,10 @@ def _run_buttons(prefix: str) -> tuple[gr.Button, gr.Button, gr.Button]:
     return start, stop, resume
 
 
+DOWNLOADS_LABEL = (f"Downloads: best image, LoRA for diffusers ({DIFFUSERS_WEIGHT_NAME}), "
+                   f"LoRA for ComfyUI / A1111 ({KOHYA_WEIGHT_NAME}; SD and SDXL)")
+
+
 def _live_view(prefix: str) -> list:
     """current image, gallery, loss plot, best image, status, downloads (the order ``_view`` fills)."""
     status = gr.Markdown("Upload the photos and press Start.", elem_id=f"{prefix}status")
@@ -258,8 +264,7 @@ def _live_view(prefix: str) -> list:
                         height=320)
     plot = gr.LinePlot(x="iteration", y="value", color="loss", label="Losses", elem_id=f"{prefix}losses")
     gallery = gr.Gallery(label="Iterations", columns=8, height=180, elem_id=f"{prefix}iterations")
-    downloads = gr.File(label="Downloads: best image and LoRA (diffusers format)", file_count="multiple",
-                        interactive=False, elem_id=f"{prefix}downloads")
+    downloads = gr.File(label=DOWNLOADS_LABEL, file_count="multiple", interactive=False, elem_id=f"{prefix}downloads")
     return [current, gallery, plot, best, status, downloads]
 
 

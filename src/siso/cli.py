@@ -87,7 +87,7 @@ def generate(
     device: Device = "auto",
     dtype: Dtype = "auto",
     overwrite: Overwrite = False,
-    lora_format: LoraFormat = ["diffusers"],  # noqa: B006 - typer needs a literal default
+    lora_format: LoraFormat = None,
 ) -> None:
     """Optimise a LoRA so the model's image of PROMPT shows the subject; write images, LoRA and run.json."""
     from .generation import run_generation

@@ -37,7 +37,10 @@ Similarity = Annotated[
     str | None, typer.Option(help="Comma-separated: dino, ir (default: dino,ir when an IR model is found, else dino).")
 ]
 Overwrite = Annotated[bool, typer.Option(help="Write into a non-empty --out (siso's files are replaced).")]
-LoraFormat = Annotated[list[str], typer.Option(help="diffusers (always written) and/or kohya (ComfyUI/A1111).")]
+LoraFormat = Annotated[list[str] | None, typer.Option(
+    help="LoRA files to write: diffusers (always) and kohya (ComfyUI / A1111). Default: both for SD and "
+         "SDXL, diffusers for FLUX and Sana; --lora-format diffusers writes the diffusers file alone."
+)]
 
 STOP_REASONS = {
     "early_stop": "stopped early (no further improvement)",
@@ -87,8 +90,11 @@ def split_similarity(value: str | None) -> tuple[str, ...] | None:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
-def lora_formats(values: Iterable[str]) -> tuple[str, ...]:
-    """The diffusers layout is always written; --lora-format adds others."""
+def lora_formats(values: Iterable[str] | None) -> tuple[str, ...] | None:
+    """The diffusers layout is always written; --lora-format adds others. None (no --lora-format):
+    the backbone's defaults."""
+    if not values:
+        return None
     return tuple(dict.fromkeys(["diffusers", *values]))
 
 
@@ -140,5 +146,10 @@ def print_summary(result: Any, files: Iterable[tuple[str, str]] = ()) -> None:
     for name, path in files:
         console.print(f"  {name + ':':<11} {escape(path)}")
     if result.lora_dir is not None:
+        from .lora import KOHYA_WEIGHT_NAME
+
         console.print(f"  LoRA:       {escape(str(result.lora_dir))}  (diffusers: pipe.load_lora_weights(...))")
+        kohya = result.lora_dir / KOHYA_WEIGHT_NAME
+        if kohya.is_file():
+            console.print(f"              {escape(str(kohya))}  (ComfyUI: LoraLoader; A1111: <lora:{kohya.stem}:1>)")
     console.print(f"  record:     {escape(str(result.run_dir / 'run.json'))}")

@@ -73,7 +73,7 @@ class GenerateConfig:
     ir_weight: float = 1.0
     device: str = "auto"
     dtype: str = "auto"
-    lora_format: tuple[str, ...] = ("diffusers",)
+    lora_format: tuple[str, ...] | None = None  # None: the backbone's default_lora_formats
     # Adam, grad clipping: the reference's values; not on the CLI, but recorded.
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_weight_decay: float | None = None  # None: the backbone preset (1e-2; FLUX and Sana 1e-4)
@@ -108,10 +108,7 @@ class GenerateConfig:
             raise SisoError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}.")
         if self.dtype not in DTYPES:
             raise SisoError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
-        object.__setattr__(self, "lora_format", tuple(self.lora_format))
-        for fmt in self.lora_format:
-            if fmt not in LORA_FORMATS:
-                raise SisoError(f"--lora-format must be one of {', '.join(LORA_FORMATS)}, got {fmt!r}.")
+        object.__setattr__(self, "lora_format", _check_lora_formats(self.lora_format))
         if self.similarity is not None:
             names = tuple(self.similarity)
             unknown = [n for n in names if n not in SIMILARITY_NAMES]
@@ -135,11 +132,13 @@ class GenerateConfig:
         """``ir_model`` ``auto`` replaced by the cached IR conversion, or None (then DINO only)."""
         return _with_ir_resolved(self)
 
-    def resolved(self, preset: BackbonePreset) -> GenerateConfig:
-        """Fill every ``None`` knob from the backbone preset, so the record shows what ran."""
+    def resolved(self, preset: BackbonePreset, lora_formats: tuple[str, ...] = ("diffusers",)) -> GenerateConfig:
+        """Fill every ``None`` knob from the backbone preset and its default ``lora_formats``, so the
+        record shows what ran."""
         learning_rate = _first(self.learning_rate, preset.learning_rate)
         weight_decay = _first(self.adam_weight_decay, preset.weight_decay)
         values = {
+            "lora_format": _first(self.lora_format, lora_formats),
             "learning_rate": learning_rate,
             "adam_weight_decay": weight_decay,
             "early_stop_patience": _first(self.early_stop_patience, preset.early_stop_patience),
@@ -188,6 +187,16 @@ def _replace(config: GenerateConfig, **changes: Any) -> GenerateConfig:
     values = {f.name: getattr(config, f.name) for f in fields(config)}
     values.update(changes)
     return type(config)(**values)
+
+
+def _check_lora_formats(formats: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    if formats is None:
+        return None
+    formats = tuple(formats)
+    for fmt in formats:
+        if fmt not in LORA_FORMATS:
+            raise SisoError(f"--lora-format must be one of {', '.join(LORA_FORMATS)}, got {fmt!r}.")
+    return formats
 
 
 def _check_positive(flag: str, value: int) -> None:
@@ -271,7 +280,7 @@ class EditConfig:
     text_threshold: float = 0.25
     device: str = "auto"
     dtype: str = "auto"
-    lora_format: tuple[str, ...] = ("diffusers",)
+    lora_format: tuple[str, ...] | None = None  # None: the backbone's default_lora_formats
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_weight_decay: float = 1e-2
     adam_eps: float = 1e-8
@@ -319,10 +328,7 @@ class EditConfig:
             raise SisoError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}.")
         if self.dtype not in DTYPES:
             raise SisoError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
-        object.__setattr__(self, "lora_format", tuple(self.lora_format))
-        for fmt in self.lora_format:
-            if fmt not in LORA_FORMATS:
-                raise SisoError(f"--lora-format must be one of {', '.join(LORA_FORMATS)}, got {fmt!r}.")
+        object.__setattr__(self, "lora_format", _check_lora_formats(self.lora_format))
         if self.similarity is not None:
             names = tuple(self.similarity)
             if not names or any(n not in SIMILARITY_NAMES for n in names):
@@ -341,9 +347,10 @@ class EditConfig:
         """``ir_model`` ``auto`` replaced by the cached IR conversion, or None (then DINO only)."""
         return _with_ir_resolved(self)
 
-    def resolved(self) -> EditConfig:
-        """Fill the ``None`` knobs that have a fixed answer, so the record shows what ran."""
-        return _replace(self.with_ir_resolved(), similarity=self.similarity_names)
+    def resolved(self, lora_formats: tuple[str, ...] = ("diffusers",)) -> EditConfig:
+        """Fill the ``None`` knobs (``lora_formats``: the backbone's default), so the record shows what ran."""
+        return _replace(self.with_ir_resolved(), similarity=self.similarity_names,
+                        lora_format=_first(self.lora_format, lora_formats))
 
     def to_record(self) -> dict[str, Any]:
         record = asdict(self)

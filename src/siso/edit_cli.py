@@ -82,7 +82,7 @@ def edit(
     device: Device = "auto",
     dtype: Dtype = "auto",
     overwrite: Overwrite = False,
-    lora_format: LoraFormat = ["diffusers"],  # noqa: B006 - typer needs a literal default
+    lora_format: LoraFormat = None,
 ) -> None:
     """Replace the object in the --input photo with the --subject; keep the rest of the scene.
 

@@ -188,7 +188,6 @@ def prepare_edit(config: EditConfig, status: Status = _quiet, cache: ModelCache 
     """Load and precompute everything an edit needs; fails fast (before any model loads) on bad inputs."""
     started = time.perf_counter()
     cache = cache or ModelCache()
-    config = config.resolved()
     subject = working_copy(load_image(config.subject, "subject photo"))
     photo = load_image(config.input, "scene photo")
     scene = square_crop(photo, config.resolution)
@@ -201,6 +200,7 @@ def prepare_edit(config: EditConfig, status: Status = _quiet, cache: ModelCache 
             "support. Pass --model stabilityai/sd-turbo."
         )
     backbone_class.check_options(config.model, False, config.lora_format)
+    config = config.resolved(backbone_class.default_lora_formats)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     with _out_of_memory_as_error(config):

@@ -52,7 +52,7 @@ class SessionControls:
         state: LoraState = self.optimization.best_lora
         if state is None:
             raise SisoError("No iteration finished, so there is no LoRA to save yet.")
-        return save_lora(self.backbone, state, directory, self.config.lora_format)
+        return save_lora(self.backbone, state, directory, self.config.lora_format, self.config.resolution)
 
 
 @dataclass
@@ -96,7 +96,7 @@ def prepare_generation(config: GenerateConfig, status: Status = _quiet,
         status(f"Loading {config.model}")
         backbone = cache.backbone(config.model, device, dtype)
         type(backbone).check_options(config.model, config.train_text_encoder, config.lora_format)
-        config = config.resolved(backbone.preset)
+        config = config.resolved(backbone.preset, type(backbone).default_lora_formats)
         backbone.check_resolution(config.resolution)
         loss = load_similarity_loss(config, subjects, cache, device, dtype, status)
         attach_lora(backbone, config.lora_rank, config.train_text_encoder, config.seed)

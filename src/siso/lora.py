@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from .backbones import Backbone
+from .lora_layouts import canonical_layers, kohya_layers, kohya_metadata, kohya_prefixes
 
 ADAPTER_NAME = "siso"
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -108,27 +109,62 @@ def snapshot_lora(backbone: Backbone) -> LoraState:
 
 
 def save_lora(backbone: Backbone, state: LoraState, directory: str | Path,
-              formats: tuple[str, ...] = ("diffusers",)) -> Path:
-    """Write ``state`` into ``directory``: diffusers' layout always, kohya's too when asked.
+              formats: tuple[str, ...] | None = None, resolution: int | None = None) -> Path:
+    """Write ``state`` into ``directory``: diffusers' layout always, kohya's too when ``formats`` says so.
 
+    ``formats`` None means the backbone's defaults (kohya as well for SD and SDXL); ``resolution``
+    (the run's image side) goes into the kohya file's metadata. Both files name text-encoder
+    layers in the transformers-4 layout (``lora_layouts``), whichever transformers is installed.
     Files are written into a temporary sibling directory and moved into place, so an interrupted
     save never leaves a half-written LoRA.
     """
+    formats = backbone.default_lora_formats if formats is None else formats
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    canonical = {name: canonical_layers(getattr(backbone.pipeline, name), layers) for name, layers in state.items()}
     staging = Path(tempfile.mkdtemp(prefix=".lora-", dir=directory.parent))
     try:
-        diffusers_layers = {name: convert_state_dict_to_diffusers(layers) for name, layers in state.items()}
+        diffusers_layers = {name: convert_state_dict_to_diffusers(layers) for name, layers in canonical.items()}
         backbone.save_lora_weights(str(staging), diffusers_layers)
         if "kohya" in formats:
-            prefixed = {f"{name}.{key}": value for name, layers in state.items() for key, value in layers.items()}
-            kohya = {k: v.contiguous() for k, v in convert_state_dict_to_kohya(prefixed).items()}
-            save_file(kohya, staging / KOHYA_WEIGHT_NAME, metadata={"ss_network_module": "networks.lora"})
+            tensors, metadata = kohya_file(backbone, canonical, resolution)
+            save_file(tensors, staging / KOHYA_WEIGHT_NAME, metadata=metadata)
         for file in staging.iterdir():
             file.replace(directory / file.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def kohya_file(backbone: Backbone, canonical: LoraState,
+               resolution: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The kohya file's tensors and metadata for canonical-layout ``state`` (see ``lora_layouts``).
+
+    Each component's alpha and rank come from its live adapter config, so the file scales each layer
+    by exactly what siso's adapter did.
+    """
+    base = backbone.base_model()
+    if base is None:
+        raise ValueError(f"{type(backbone).__name__} writes no kohya file (lora_formats {backbone.lora_formats})")
+    prefixes = kohya_prefixes(backbone.denoiser_name, backbone.text_encoder_names)
+    configs = {name: adapter_config(backbone, name) for name in canonical}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layers in canonical.items():
+        tensors.update(kohya_layers(layers, prefixes[name], configs[name].lora_alpha))
+    denoiser = configs[backbone.denoiser_name]
+    return tensors, kohya_metadata(base, denoiser.r, denoiser.lora_alpha, resolution)
+
+
+def adapter_config(backbone: Backbone, name: str) -> LoraConfig:
+    """The peft config of our adapter on component ``name``."""
+    configs = getattr(getattr(backbone.pipeline, name), "peft_config", None) or {}
+    if ADAPTER_NAME not in configs:
+        raise ValueError(f"{name} carries no {ADAPTER_NAME!r} adapter: attach_lora first")
+    config = configs[ADAPTER_NAME]
+    if config.use_rslora or config.rank_pattern or config.alpha_pattern:
+        # A kohya file has one alpha per layer, scaled by alpha / rank: no per-module patterns, no rsLoRA.
+        raise ValueError(f"{name}'s adapter scales its layers in a way a kohya alpha cannot express")
+    return config
 
 
 def load_lora_state(backbone: Backbone, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:

@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 
 from ..config import LORA_FORMATS, LORA_TARGETS, TEXT_ENCODER_LORA_TARGETS, BackbonePreset
 from ..errors import SisoError
+from ..lora_layouts import BaseModel
 
 Conditioning = Mapping[str, Any]
 
@@ -44,8 +45,10 @@ class Backbone(ABC):
     #: pipeline's own LoRA loader and diffusers' training scripts use for this family.
     lora_targets: ClassVar[tuple[str, ...]] = LORA_TARGETS
     text_encoder_lora_targets: ClassVar[tuple[str, ...]] = TEXT_ENCODER_LORA_TARGETS
-    #: LoRA file layouts (``--lora-format``) that load back into this family.
+    #: LoRA file layouts (``--lora-format``) that load back into this family, and those written
+    #: when the user names none.
     lora_formats: ClassVar[tuple[str, ...]] = LORA_FORMATS
+    default_lora_formats: ClassVar[tuple[str, ...]] = ("diffusers",)
     preset: ClassVar[BackbonePreset] = BackbonePreset()
 
     def __init__(self, pipeline: DiffusionPipeline, model_id: str) -> None:
@@ -54,14 +57,17 @@ class Backbone(ABC):
         self._offloaded: set[str] = set()  # text encoders parked on the CPU by offload_text_encoders
 
     @classmethod
-    def check_options(cls, model: str, train_text_encoder: bool, lora_formats: tuple[str, ...] = ()) -> None:
-        """Refuse, before anything is loaded, options this model family cannot honour."""
+    def check_options(cls, model: str, train_text_encoder: bool, lora_formats: tuple[str, ...] | None = ()) -> None:
+        """Refuse, before anything is loaded, options this model family cannot honour.
+
+        ``lora_formats`` None means the family's defaults, which it always honours.
+        """
         if train_text_encoder and not cls.text_encoder_names:
             raise SisoError(
                 f"--train-text-encoder does not apply to {model}: {cls.text_encoder_lora_refusal} "
                 "Drop --train-text-encoder; the LoRA on the denoiser is what SISO optimises."
             )
-        unsupported = [fmt for fmt in lora_formats if fmt not in cls.lora_formats]
+        unsupported = [fmt for fmt in lora_formats or () if fmt not in cls.lora_formats]
         if unsupported:
             raise SisoError(
                 f"--lora-format {unsupported[0]} is not available for {model} ({', '.join(cls.pipeline_classes)}): "
@@ -283,6 +289,10 @@ class Backbone(ABC):
             )
 
     # -- LoRA files -------------------------------------------------------------------------
+    def base_model(self) -> BaseModel | None:
+        """The family a kohya file names in its metadata; None where siso writes no kohya file."""
+        return None
+
     def save_lora_weights(self, directory: str, layers: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         """Write diffusers-format LoRA files with the pipeline class's own saver.
 

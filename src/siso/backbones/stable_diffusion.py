@@ -8,13 +8,29 @@ from typing import Any, ClassVar
 import torch
 
 from ..config import BackbonePreset
+from ..lora_layouts import SD1, SD2_512, SD2_768_V, BaseModel
 from .base import Backbone, Conditioning
+
+#: The text encoder's width tells SD 2.x (OpenCLIP ViT-H/14) from SD 1.x (CLIP ViT-L/14, 768).
+OPENCLIP_VIT_H_WIDTH = 1024
 
 
 class StableDiffusionBackbone(Backbone):
     pipeline_classes: ClassVar[tuple[str, ...]] = ("StableDiffusionPipeline",)
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    # The kohya file is small and is what ComfyUI and A1111 load, so it is written by default too.
+    default_lora_formats: ClassVar[tuple[str, ...]] = ("diffusers", "kohya")
     preset: ClassVar[BackbonePreset] = BackbonePreset(learning_rate=2e-4, render_steps=4)
+
+    def base_model(self) -> BaseModel:
+        """SD 1.x or 2.x from the architecture, not the model id: SD-Turbo is SD 2.1 (512 px, epsilon).
+
+        Widths other than OpenCLIP-H's (CLIP-L's 768, test models) count as SD 1.x, the classic layout.
+        """
+        if self.pipeline.text_encoder.config.hidden_size != OPENCLIP_VIT_H_WIDTH:
+            return SD1
+        v_prediction = self.pipeline.scheduler.config.get("prediction_type") == "v_prediction"
+        return SD2_768_V if v_prediction else SD2_512
 
     @property
     def resolution_multiple(self) -> int:

@@ -7,6 +7,7 @@ from typing import ClassVar
 import torch
 
 from ..config import BackbonePreset
+from ..lora_layouts import SDXL_BASE, BaseModel
 from .base import Conditioning
 from .stable_diffusion import StableDiffusionBackbone
 
@@ -16,6 +17,9 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     # The reference runs SDXL-Turbo with the text encoders' LoRA on, in the denoiser's AdamW group.
     preset: ClassVar[BackbonePreset] = BackbonePreset(learning_rate=2e-4, render_steps=4, train_text_encoder=True)
+
+    def base_model(self) -> BaseModel:
+        return SDXL_BASE  # SDXL-Turbo is distilled from SDXL 1.0 base and keeps its architecture
 
     def encode_prompt(self, prompt: str, resolution: int) -> Conditioning:
         pipe = self.pipeline
