@@ -98,10 +98,12 @@ def run_siso(monkeypatch, capsys):
 
     from rich.console import Console
 
-    from siso import cli
+    from siso import cli, cli_shared
 
     # Off a terminal rich wraps at 80 columns, which would split messages (and paths) across lines.
-    monkeypatch.setattr(cli, "console", Console(stderr=True, width=10_000))
+    wide = Console(stderr=True, width=10_000)
+    monkeypatch.setattr(cli, "console", wide)
+    monkeypatch.setattr(cli_shared, "console", wide)
 
     def run(*argv) -> tuple[int, str]:
         capsys.readouterr()  # drop whatever fixtures printed

@@ -29,6 +29,7 @@ from .cli_shared import (  # noqa: E402, F401
     Resolution,
     Seed,
     Similarity,
+    announce_device,
     console,
     lora_formats,
     print_summary,
@@ -60,13 +61,17 @@ def generate(
     seed: Seed = 42,
     resolution: Resolution = 512,
     max_steps: MaxSteps = 50,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default: the backbone's, 2e-4).")] = None,
+    lr: Annotated[float | None, typer.Option(
+        help="AdamW learning rate (default: the backbone's: SD-Turbo, SDXL-Turbo, FLUX 2e-4; Sana 8e-4).")] = None,
     early_stop_pct: EarlyStopPct = 3.0,
     early_stop_patience: Annotated[
-        int | None, typer.Option(help="Stop after this many iterations without one (default: 7).")
+        int | None, typer.Option(help="Stop after this many iterations without one (default: the backbone's: 7; "
+                                 "Sana 5).")
     ] = None,
-    denoise_steps: Annotated[int | None, typer.Option(help="Denoising steps per iteration (default: 1).")] = None,
-    grad_steps: Annotated[int | None, typer.Option(help="How many final steps carry gradients (default: 1).")] = None,
+    denoise_steps: Annotated[int | None, typer.Option(
+        help="Denoising steps per iteration (default: the backbone's: 1; Sana 20).")] = None,
+    grad_steps: Annotated[int | None, typer.Option(
+        help="How many final steps carry gradients (default: the backbone's: 1; Sana 3).")] = None,
     lora_rank: LoraRank = 4,
     train_text_encoder: Annotated[bool, typer.Option(help="Also put LoRA on the text encoder(s).")] = False,
     low_memory: Annotated[
@@ -93,6 +98,7 @@ def generate(
         dino_model=dino_model, ir_model=ir_model,
         similarity=_split_similarity(similarity), device=device, dtype=dtype, lora_format=formats,
     )
+    announce_device(device, dtype)
     similarity_hint(similarity, ir_model)
     result = run_with_progress(
         lambda **hooks: run_generation(config, out, overwrite=overwrite, **hooks), config.max_steps
@@ -106,7 +112,7 @@ def render(
     prompt: Annotated[str, typer.Option(help="Any prompt; name the subject's class, e.g. 'a dog in the snow'.")],
     out: Annotated[Path, typer.Option(help="PNG file to write.")],
     lora: Annotated[Path | None, typer.Option(help="The lora/ directory of a siso run.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the backbone's, 4).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the backbone's: 4; Sana 20).")] = None,
     seed: Seed = 42,
     resolution: Resolution = 512,
     device: Device = "auto",
@@ -116,6 +122,7 @@ def render(
     from .rendering import render as render_image
 
     _quiet_libraries()
+    announce_device(device, dtype)
     with console.status(f"Rendering with {escape(model)}"):
         render_image(model, prompt, lora=lora, out=out, steps=steps, seed=seed, resolution=resolution,
                      device=device, dtype=dtype)
@@ -156,6 +163,7 @@ def web_app(
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]Serving on {escape(host)}: anyone who can reach this machine can use your GPU.[/]")
+    announce_device(device, "auto")
     settings = AppSettings(model=model, dino_model=dino_model, ir_model=ir_model, resolution=resolution,
                            max_steps=max_steps, device=device, runs_dir=runs_dir, max_upload_mb=max_upload_mb)
     console.print(f"Serving on http://{escape(host)}:{port}  (runs are written to {escape(str(runs_dir))})")

@@ -22,6 +22,7 @@ from .cli_shared import (
     Resolution,
     Seed,
     Similarity,
+    announce_device,
     console,
     lora_formats,
     print_summary,
@@ -96,6 +97,7 @@ def edit(
         segmenter_model=segmenter_model, box_threshold=box_threshold, text_threshold=text_threshold,
         device=device, dtype=dtype, lora_format=lora_formats(lora_format),
     )
+    announce_device(device, dtype)
     similarity_hint(similarity, ir_model)
 
     def announce(session) -> None:
