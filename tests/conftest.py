@@ -13,13 +13,15 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import synthetic_photos  # noqa: E402
 import tiny_models  # noqa: E402
 import torch  # noqa: E402
 
-# DreamBooth photos (CC-BY 4.0) are never committed: they come from the project's shared folder beside
-# the checkout, or from SISO_DREAMBENCH (the dataset/ folder of a google/dreambooth checkout).
+# The real DreamBooth dataset (CC-BY 4.0, never committed), for the few tests that are about that data:
+# SISO_DREAMBENCH (the dataset/ folder of a google/dreambooth checkout), else the project's shared folder
+# beside the checkout. Every other test uses the synthetic photos of synthetic_photos.py.
 _SHARED_DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench" / "dataset"
-DREAMBENCH = Path(os.environ.get("SISO_DREAMBENCH", _SHARED_DREAMBENCH))
+REAL_DREAMBENCH = Path(os.environ.get("SISO_DREAMBENCH") or _SHARED_DREAMBENCH)
 RESOLUTION = 32  # tiny models: 32 px images, 16 px latents
 
 
@@ -49,12 +51,40 @@ def ir_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def subject_photo() -> Path:
-    """A real DreamBooth photo (CC-BY 4.0, from ../shared; never copied into the repository)."""
-    path = DREAMBENCH / "dog" / "00.jpg"
-    if not path.exists():
-        pytest.fail(f"{path} is missing: set SISO_DREAMBENCH to the dataset/ folder of a google/dreambooth checkout")
-    return path
+def dreambench(tmp_path_factory) -> Path:
+    """A synthetic DreamBooth ``dataset/`` folder: dog (2 photos), cat (a scene), teapot, prompts_and_classes.txt."""
+    return synthetic_photos.write_dreambench(tmp_path_factory.mktemp("dreambench"))
+
+
+@pytest.fixture(scope="session")
+def subject_photo(dreambench) -> Path:
+    """The synthetic dog: a portrait JPEG with a clear brown shape the tiny models can be steered towards."""
+    return dreambench / "dog" / "00.jpg"
+
+
+@pytest.fixture(scope="session")
+def scene_photo(dreambench) -> Path:
+    """The synthetic scene for editing: a landscape JPEG, a grey cat in the middle."""
+    return dreambench / "cat" / "00.jpg"
+
+
+@pytest.fixture(scope="session")
+def real_dreambench() -> Path:
+    """The real DreamBooth dataset folder, for the tests that are about that data.
+
+    Skipped, saying why, where it is absent (a fresh clone); a failure instead when SISO_DREAMBENCH
+    names a folder that is not the dataset, or when SISO_REQUIRE_DREAMBENCH=1 (CI: nothing may skip).
+    """
+    if (REAL_DREAMBENCH / "prompts_and_classes.txt").is_file():
+        return REAL_DREAMBENCH
+    reason = (f"needs the real DreamBooth dataset (CC-BY 4.0, not part of this repository), not found at "
+              f"{REAL_DREAMBENCH}: set SISO_DREAMBENCH to the dataset/ folder of a checkout of "
+              "https://github.com/google/dreambooth to run it")
+    if os.environ.get("SISO_DREAMBENCH"):
+        pytest.fail(f"SISO_DREAMBENCH={os.environ['SISO_DREAMBENCH']} has no prompts_and_classes.txt; {reason}")
+    if os.environ.get("SISO_REQUIRE_DREAMBENCH") == "1":
+        pytest.fail(f"SISO_REQUIRE_DREAMBENCH=1 but this test {reason}")
+    pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True)
@@ -70,10 +100,12 @@ def run_siso(monkeypatch, capsys):
 
     from rich.console import Console
 
-    from siso import cli
+    from siso import cli, cli_shared
 
     # Off a terminal rich wraps at 80 columns, which would split messages (and paths) across lines.
-    monkeypatch.setattr(cli, "console", Console(stderr=True, width=10_000))
+    wide = Console(stderr=True, width=10_000)
+    monkeypatch.setattr(cli, "console", wide)
+    monkeypatch.setattr(cli_shared, "console", wide)
 
     def run(*argv) -> tuple[int, str]:
         capsys.readouterr()  # drop whatever fixtures printed

@@ -49,7 +49,8 @@ def served_app(sd_dir, dino_dir, tmp_path_factory):
 def browser():
     playwright_api = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: install Debian's chromium package (see .ci/run)")
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install it, e.g. `sudo apt-get install chromium` on "
+                    "Debian/Ubuntu (see the README's test command)")
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
@@ -158,13 +159,12 @@ def test_two_sessions_share_the_gpu_queue(served_app, browser, subject_photo):
     assert str(by_reason["max_steps"][0]) in status_text(second)
 
 
-def test_edit_tab_shows_the_mask_and_streams_the_edit(served_app, browser, tmp_path):
+def test_edit_tab_shows_the_mask_and_streams_the_edit(served_app, browser, subject_photo, scene_photo, tmp_path):
     """The Edit tab in the browser: subject, scene and mask in, the overlay and iterations out."""
     import numpy as np
-    from conftest import DREAMBENCH
 
     url, runs = served_app
-    scene = DREAMBENCH / "cat" / "00.jpg"
+    scene = scene_photo
     width, height = Image.open(scene).size
     mask = np.zeros((height, width), np.uint8)
     mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
@@ -174,7 +174,7 @@ def test_edit_tab_shows_the_mask_and_streams_the_edit(served_app, browser, tmp_p
     page = browser.new_page(viewport={"width": 1400, "height": 1400})
     page.goto(url)
     page.click("button[role=tab]:has-text('Edit')")
-    uploads = [("#edit-subject", DREAMBENCH / "dog" / "00.jpg"), ("#edit-scene", scene), ("#edit-mask", mask_path)]
+    uploads = [("#edit-subject", subject_photo), ("#edit-scene", scene), ("#edit-mask", mask_path)]
     for selector, path in uploads:
         page.set_input_files(f"{selector} input[type=file]", str(path))
         page.wait_for_selector(f"{selector} img", timeout=30_000)

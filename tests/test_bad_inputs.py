@@ -144,6 +144,28 @@ def test_unsupported_pipeline(generate, out, tmp_path):
             "StableDiffusionPipeline", "StableDiffusionXLPipeline", model=folder)
 
 
+def test_unreachable_hub_is_one_message_at_once(generate, out, monkeypatch):
+    """A Hub id not in the cache, on a machine that cannot reach the Hub: no ~25 s of retries and
+    retry lines before the answer, just siso's message."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a port nothing listens on: the connection is refused
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    started = time.monotonic()
+    code, output = generate(model="someone/never-downloaded")
+    assert time.monotonic() - started < 10
+    error_line(code, output, "'someone/never-downloaded' is not in the local Hugging Face cache", endpoint,
+               "cannot be reached", "internet access", "local directory")
+    assert "Retrying" not in output and "local_dir_use_symlinks" not in output
+    assert not out.exists()
+
+
 def test_ir_model_without_weights(generate, out, tmp_path, ir_dir):
     folder = tmp_path / "ir-half"
     folder.mkdir()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DREAMBENCH, RESOLUTION
+from conftest import RESOLUTION
 
 pytest.importorskip("torchmetrics")
 
@@ -39,9 +40,9 @@ def eval_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
+def manifest(tmp_path_factory, dreambench) -> Path:
     path = tmp_path_factory.mktemp("manifest") / "manifest.jsonl"
-    lines = [{"id": name, "class": cls, "images": [str(DREAMBENCH / name / "00.jpg")], "prompts": prompts}
+    lines = [{"id": name, "class": cls, "images": [str(dreambench / name / "00.jpg")], "prompts": prompts}
              for name, (cls, prompts) in SUBJECTS.items()]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
@@ -226,13 +227,40 @@ def test_failed_items_are_retried_once_then_recorded(monkeypatch, tmp_path, subj
     assert calls == ["broken", "broken"] and report.skipped == 2
 
 
-def test_dreambench_manifest_from_the_real_file():
-    items = dreambench_items(DREAMBENCH)
+def test_dreambench_manifest_from_a_dreambooth_layout(dreambench, tmp_path):
+    """The reader on conftest's synthetic dataset/ folder (DreamBooth's layout and file format)."""
+    items = dreambench_items(dreambench)
+    assert [item.id for item in items] == ["dog", "cat", "teapot"]  # the table's order
+    by_id = {item.id: item for item in items}
+    dog, teapot = by_id["dog"], by_id["teapot"]
+    assert dog.class_name == "dog" and dog.extra["live"] and by_id["cat"].extra["live"]
+    assert dog.subject_photo == (dreambench / "dog" / "00.jpg").resolve()
+    assert [p.name for p in dog.images] == ["00.jpg", "01.jpg"]
+    # Live subjects get the second list, objects the first; the unique token is dropped.
+    assert dog.prompts == ("a dog in the jungle", "a dog wearing a red hat", "a red dog")
+    assert not teapot.extra["live"] and teapot.class_name == "teapot"
+    assert teapot.prompts == ("a teapot in the jungle", "a teapot on the beach", "a red teapot")
+    # The checkout root works as well as its dataset/ folder.
+    assert [i.to_record() for i in dreambench_items(dreambench.parent)] == [i.to_record() for i in items]
+    # A subject the table lists without photos, and a folder without the file, are clear errors.
+    broken = tmp_path / "dataset"
+    shutil.copytree(dreambench, broken)
+    shutil.rmtree(broken / "teapot")
+    with pytest.raises(SisoError, match="lists the subject 'teapot'"):
+        dreambench_items(broken)
+    with pytest.raises(SisoError, match="has no prompts_and_classes.txt"):
+        dreambench_items(dreambench / "dog")
+
+
+def test_dreambench_manifest_from_the_real_file(real_dreambench):
+    """The real DreamBooth dataset: 30 subjects, 25 prompts each (skipped, saying so, where it is absent)."""
+    items = dreambench_items(real_dreambench)
     assert len(items) == 30 and all(len(item.prompts) == 25 for item in items)
     assert sum(len(item.prompts) for item in items) == 750
     by_id = {item.id: item for item in items}
     dog = by_id["dog"]
-    assert dog.class_name == "dog" and dog.extra["live"] and dog.subject_photo == (DREAMBENCH / "dog" / "00.jpg")
+    assert dog.class_name == "dog" and dog.extra["live"]
+    assert dog.subject_photo == (real_dreambench / "dog" / "00.jpg").resolve()
     assert dog.prompts[0] == "a dog in the jungle" and "a dog wearing a red hat" in dog.prompts
     assert dog.prompts[-1] == "a cube shaped dog"
     assert by_id["bear_plushie"].class_name == "stuffed animal"
@@ -243,18 +271,18 @@ def test_dreambench_manifest_from_the_real_file():
     assert sum(item.extra["live"] for item in items) == 9  # DreamBooth's cats and dogs
     assert [p.name for p in by_id["duck_toy"].images] == ["00.jpg", "01.jpg", "02.jpg", "03.jpg"]
     # The checkout root works as well as its dataset/ folder.
-    assert [i.to_record() for i in dreambench_items(DREAMBENCH.parent)] == [i.to_record() for i in items]
+    assert [i.to_record() for i in dreambench_items(real_dreambench.parent)] == [i.to_record() for i in items]
 
 
-def test_dreambench_option_mistakes(run_siso, monkeypatch, tmp_path):
+def test_dreambench_option_mistakes(run_siso, monkeypatch, tmp_path, dreambench):
     out = tmp_path / "out"
-    code, text = run_siso("bench", "--dreambench", str(DREAMBENCH), "--out", str(out),
+    code, text = run_siso("bench", "--dreambench", str(dreambench), "--out", str(out),
                          "--subjects", "dog,cat", "--max-prompts", "3", "--task", "edit")
     assert code == 2 and 'has no "scene"' in text  # DreamBooth's manifest is for generation
-    code, text = run_siso("bench", "--dreambench", str(DREAMBENCH), "--out", str(out),
+    code, text = run_siso("bench", "--dreambench", str(dreambench), "--out", str(out),
                          "--task", "edit", "--baseline", "plain")
     assert code == 2 and "--baseline plain is for --task generate" in text
-    code, text = run_siso("bench", "--dreambench", str(DREAMBENCH), "--out", str(out),
+    code, text = run_siso("bench", "--dreambench", str(dreambench), "--out", str(out),
                          "--subjects", "unicorn")
     assert code == 2 and "unicorn" in text
     code, text = run_siso("bench", "--out", str(out))
@@ -300,7 +328,8 @@ def test_the_cli_loads_no_benchmark_libraries_until_asked():
     assert loaded.stdout.strip() == "[]"
 
 
-def test_edit_benchmark_measures_the_background_outside_the_mask(monkeypatch, tmp_path, sd_dir, dino_dir, eval_dirs):
+def test_edit_benchmark_measures_the_background_outside_the_mask(monkeypatch, tmp_path, sd_dir, dino_dir, eval_dirs,
+                                                                subject_photo, scene_photo):
     """--task edit through siso.editing, with a given mask and an injected LPIPS network."""
     import numpy as np
     from PIL import Image
@@ -311,11 +340,12 @@ def test_edit_benchmark_measures_the_background_outside_the_mask(monkeypatch, tm
         return (a - b).square().mean(dim=(1, 2, 3))
 
     monkeypatch.setattr(metrics_module, "default_lpips_net", lambda net_type="alex": squared_difference)
-    mask = np.zeros((512, 512), np.uint8)
-    mask[128:384, 128:384] = 255  # the cat to replace, roughly
+    width, height = Image.open(scene_photo).size
+    mask = np.zeros((height, width), np.uint8)
+    mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255  # the cat to replace, roughly
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    item = BenchItem(id="dog-for-cat", class_name="dog", images=(DREAMBENCH / "dog" / "00.jpg",),
-                     scene=DREAMBENCH / "cat" / "00.jpg", scene_class="cat", scene_mask=tmp_path / "mask.png")
+    item = BenchItem(id="dog-for-cat", class_name="dog", images=(subject_photo,),
+                     scene=scene_photo, scene_class="cat", scene_mask=tmp_path / "mask.png")
     settings = BenchSettings(task="edit", options={"model": str(sd_dir), "dino_model": str(dino_dir), "max_steps": 1,
                                                    "resolution": RESOLUTION, "device": "cpu"},
                              clip_model=str(eval_dirs["clip"]), cmmd_model=str(eval_dirs["clip"]),

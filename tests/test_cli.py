@@ -30,6 +30,11 @@ def test_generate_then_render(run_siso, monkeypatch, tmp_path, sd_dir, dino_dir,
                                                               "--max-steps", "4", "--lr", "5e-3"))
     assert code == 0, text
     assert "DINO only" in text and "Best iteration" in text
+    # Where it runs, before anything loads; then the settings the backbone's preset resolved.
+    assert "Device: cpu, dtype fp32" in text and "Warning: running on the CPU (--device cpu)" in text
+    assert text.index("Device: cpu") < text.index("Settings:")
+    assert ("Settings: lr 5.0e-3, early stop 3 % / 7 iterations, denoise/grad steps 1/1, max steps 4, LoRA rank 4, "
+            f"seed 42, resolution {RESOLUTION}, device cpu, dtype fp32") in text
     record = json.loads((out / "run.json").read_text())
     assert record["stop_reason"] == "max_steps" and len(record["losses"]) == 4
     assert record["config"]["similarity"] == ["dino"]
@@ -40,6 +45,7 @@ def test_generate_then_render(run_siso, monkeypatch, tmp_path, sd_dir, dino_dir,
                          "--prompt", "a photo of a dog", "--out", str(image_path), "--steps", "1",
                          "--resolution", str(RESOLUTION), "--device", "cpu")
     assert code == 0, text
+    assert "Device: cpu, dtype fp32" in text
     rendered = pil_to_tensor(Image.open(image_path))
     best = pil_to_tensor(Image.open(out / "best.png"))
     assert torch.equal(rendered, best)
@@ -130,3 +136,26 @@ def test_lora_format_flag(run_siso, monkeypatch, tmp_path, sd_dir, dino_dir, sub
     assert sorted(p.name for p in (out / "lora").iterdir()) == [names[f] for f in formats]
     assert json.loads((out / "run.json").read_text())["config"]["lora_format"] == formats
     assert ("siso_lora_kohya.safetensors  (ComfyUI: LoraLoader" in text) == ("kohya" in formats)  # the summary
+
+
+def test_auto_device_without_a_gpu_says_so_before_loading(run_siso, monkeypatch, tmp_path, sd_dir, dino_dir):
+    """--device auto on a machine without a GPU: a warning (not a refusal) before any model loads."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    missing = tmp_path / "no-dog.jpg"
+    code, text = run_siso("generate", "--subject", missing, "--prompt", "a photo of a dog", "--out", tmp_path / "run",
+                          "--model", sd_dir, "--dino-model", dino_dir)
+    assert code == 2 and "does not exist" in text  # the run itself goes on to its first real problem
+    assert "Device: cpu, dtype fp32" in text
+    assert "Warning: running on the CPU (PyTorch sees no CUDA or MPS GPU)" in text
+    assert text.index("Warning: running on the CPU") < text.index("Error:")
+
+
+def test_help_names_each_backbones_defaults(run_siso, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    code, text = run_siso("generate", "--help")
+    assert code == 0
+    text = " ".join(text.split())
+    for words in ("SD-Turbo, SDXL-Turbo, FLUX 2e-4; Sana 8e-4", "backbone's: 7; Sana 5", "backbone's: 1; Sana 20",
+                  "backbone's: 1; Sana 3"):
+        assert words in text, words

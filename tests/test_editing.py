@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tiny_editing
 import torch
-from conftest import DREAMBENCH, RESOLUTION
+from conftest import RESOLUTION
 from diffusers import DiffusionPipeline
 from PIL import Image
 
@@ -20,13 +20,16 @@ from siso.images import load_image, pil_to_tensor, tensor_to_pil
 from siso.masks import square_crop
 from siso.models import ModelCache
 
-SUBJECT = DREAMBENCH / "dog" / "00.jpg"
-SCENE = DREAMBENCH / "cat" / "00.jpg"
+
+@pytest.fixture(scope="session")
+def photos(subject_photo, scene_photo) -> dict:
+    """``--subject`` and ``--input``: conftest's synthetic dog and cat scene."""
+    return {"subject": subject_photo, "input": scene_photo}
 
 
 @pytest.fixture(scope="session")
-def scene_size() -> tuple[int, int]:
-    return load_image(SCENE).size
+def scene_size(scene_photo) -> tuple[int, int]:
+    return load_image(scene_photo).size
 
 
 @pytest.fixture(scope="session")
@@ -43,10 +46,11 @@ def planted_mask(tmp_path_factory, scene_size):
 
 
 @pytest.fixture(scope="session")
-def labeller_dir(tmp_path_factory):
+def labeller_dir(tmp_path_factory, subject_photo, scene_photo):
     from siso.images import working_copy
 
-    planted = {"dog": working_copy(load_image(SUBJECT)), "cat": square_crop(load_image(SCENE), RESOLUTION)}
+    planted = {"dog": working_copy(load_image(subject_photo)),
+               "cat": square_crop(load_image(scene_photo), RESOLUTION)}
     return tiny_editing.clip_dir(tmp_path_factory.mktemp("tiny-clip"), planted)
 
 
@@ -60,8 +64,8 @@ def segmenter_dir(tmp_path_factory):
     return tiny_editing.sam_dir(tmp_path_factory.mktemp("tiny-sam"))
 
 
-def edit_config(model_dir, dino_dir, **options) -> EditConfig:
-    values = dict(subject=SUBJECT, input=SCENE, model=str(model_dir), dino_model=str(dino_dir), resolution=RESOLUTION,
+def edit_config(photos, model_dir, dino_dir, **options) -> EditConfig:
+    values = dict(**photos, model=str(model_dir), dino_model=str(dino_dir), resolution=RESOLUTION,
                   device="cpu", max_steps=3, learning_rate=5e-3)
     values.update(options)
     return EditConfig(**values)
@@ -80,17 +84,17 @@ class Captured:
 
 
 @pytest.fixture(scope="module")
-def planted_edit(sd_dir, dino_dir, planted_mask, tmp_path_factory):
+def planted_edit(photos, sd_dir, dino_dir, planted_mask, tmp_path_factory):
     """An SD edit with the user's classes and mask, a weighty background loss and a cached backbone."""
     captured, cache = Captured(), ModelCache()
-    config = edit_config(sd_dir, dino_dir, subject_class="dog", input_class="cat", mask=planted_mask,
+    config = edit_config(photos, sd_dir, dino_dir, subject_class="dog", input_class="cat", mask=planted_mask,
                          max_steps=8, learning_rate=2e-2, early_stop_patience=8)
     result = run_edit(config, tmp_path_factory.mktemp("edit") / "run", on_step=captured.on_step,
                       on_session=captured.on_session, cache=cache)
     return result, captured, cache
 
 
-def test_edit_run_directory(planted_edit):
+def test_edit_run_directory(planted_edit, scene_photo):
     result, captured, _ = planted_edit
     out = result.run_dir
     record = json.loads((out / "run.json").read_text())
@@ -100,7 +104,7 @@ def test_edit_run_directory(planted_edit):
     assert (out / "lora" / "siso_lora_kohya.safetensors").is_file()  # SD's default: both files
     assert record["config"]["lora_format"] == ["diffusers", "kohya"]
     # input.png is the framed scene, mask.png the framed mask, reconstruction.png the inverted scene.
-    scene = square_crop(load_image(SCENE), RESOLUTION)
+    scene = square_crop(load_image(scene_photo), RESOLUTION)
     assert np.array_equal(np.asarray(Image.open(out / "input.png")), np.asarray(scene))
     mask = np.asarray(Image.open(out / "mask.png")) > 127
     assert np.array_equal(mask, result.mask[0, 0].numpy() > 0.5) and mask[8:24, 8:24].all() and mask.sum() == 256
@@ -157,8 +161,9 @@ def test_a_cached_backbone_comes_out_of_an_edit_untouched(planted_edit, sd_dir, 
     assert (captured.events[0].image - plain).abs().max().item() <= 1e-5
 
 
-def test_sdxl_edit_inverts_with_euler_ancestral(sdxl_dir, dino_dir, planted_mask, tmp_path):
-    config = edit_config(sdxl_dir, dino_dir, subject_class="dog", input_class="cat", mask=planted_mask, max_steps=2)
+def test_sdxl_edit_inverts_with_euler_ancestral(photos, sdxl_dir, dino_dir, planted_mask, tmp_path):
+    config = edit_config(photos, sdxl_dir, dino_dir, subject_class="dog", input_class="cat", mask=planted_mask,
+                         max_steps=2)
     result = run_edit(config, tmp_path / "run")
     inversion = result.record["inversion"]
     assert inversion["sampler"] == "euler_ancestral" and inversion["renoise"]["noise_correction"] is True
@@ -176,7 +181,8 @@ def siso(run_siso):
 
 
 def edit_args(out, model_dir, dino_dir, *extra, **options):
-    values = {"subject": SUBJECT, "input": SCENE, "out": out, "model": model_dir, "dino_model": dino_dir,
+    """``--subject`` and ``--input`` come in ``options``."""
+    values = {"out": out, "model": model_dir, "dino_model": dino_dir,
               "resolution": RESOLUTION, "device": "cpu", "max_steps": 1, **options}
     argv = ["edit"]
     for name, value in values.items():
@@ -185,16 +191,19 @@ def edit_args(out, model_dir, dino_dir, *extra, **options):
     return [*argv, *extra]
 
 
-def test_edit_then_render_on_the_command_line(siso, tmp_path, sd_dir, dino_dir, labeller_dir, detector_dir,
+def test_edit_then_render_on_the_command_line(siso, tmp_path, photos, sd_dir, dino_dir, labeller_dir, detector_dir,
                                               segmenter_dir):
     """Everything automatic: CLIP names both objects, Grounding DINO + SAM find the cat; then the
     LoRA renders any prompt."""
     out = tmp_path / "run"
     code, output = siso(*edit_args(out, sd_dir, dino_dir, max_steps=2, lr=5e-3, label_model=labeller_dir,
-                                   detector_model=detector_dir, segmenter_model=segmenter_dir))
+                                   detector_model=detector_dir, segmenter_model=segmenter_dir, **photos))
     assert code == 0, output
     assert "Subject: dog (recognised by CLIP, confidence" in output and "Replacing: cat (recognised by CLIP" in output
     assert "Grounding DINO + SAM" in output and "Best iteration" in output and str(out / "mask.png") in output
+    assert "Device: cpu, dtype fp32" in output
+    assert ("Settings: lr 5.0e-3, early stop 5 % / 5 iterations, inversion steps 4, strength 0.75, max steps 2, "
+            f"LoRA rank 4, seed 42, resolution {RESOLUTION}, device cpu, dtype fp32") in output
     assert {"input.png", "mask.png", "reconstruction.png", "best.png"} <= {p.name for p in out.iterdir()}
     record = json.loads((out / "run.json").read_text())
     for role, word in (("subject", "dog"), ("input", "cat")):
@@ -224,9 +233,10 @@ def refused(siso, out, *words, **options) -> str:
 
 
 @pytest.fixture
-def refuse(siso, tmp_path, sd_dir, dino_dir):
+def refuse(siso, tmp_path, photos, sd_dir, dino_dir):
     def run(*words, **options):
-        options = {"subject_class": "dog", "input_class": "cat", "model": sd_dir, "dino_model": dino_dir, **options}
+        options = {**photos, "subject_class": "dog", "input_class": "cat", "model": sd_dir, "dino_model": dino_dir,
+                   **options}
         return refused(siso, tmp_path / "run", *words, **options)
 
     return run

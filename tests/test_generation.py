@@ -244,10 +244,8 @@ def test_planted_subject_is_recovered(sd_dir, dino_dir, ir_dir, subject_photo, t
     assert ((best_image - planted) ** 2).mean() < 0.8 * ((untouched - planted) ** 2).mean()
 
 
-def test_several_subject_photos_average_the_distance(sd_dir, dino_dir, tmp_path):
-    from conftest import DREAMBENCH
-
-    photos = (DREAMBENCH / "dog" / "00.jpg", DREAMBENCH / "dog" / "01.jpg")
+def test_several_subject_photos_average_the_distance(sd_dir, dino_dir, dreambench):
+    photos = (dreambench / "dog" / "00.jpg", dreambench / "dog" / "01.jpg")
     session = prepare_generation(tiny_config(sd_dir, photos[0], dino_dir, subjects=photos))
     singles = [prepare_generation(tiny_config(sd_dir, p, dino_dir)) for p in photos]
     with torch.no_grad():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import tiny_editing
 import torch
-from conftest import DREAMBENCH, RESOLUTION
+from conftest import RESOLUTION
 from PIL import Image
 
 from siso.backbones import load_backbone
@@ -31,8 +31,8 @@ PROMPT = "a photo of a cat"
 
 
 @pytest.fixture(scope="session")
-def scene() -> Image.Image:
-    return square_crop(load_image(DREAMBENCH / "cat" / "00.jpg"), RESOLUTION)
+def scene(scene_photo) -> Image.Image:
+    return square_crop(load_image(scene_photo), RESOLUTION)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tiny_editing
 import torch
-from conftest import DREAMBENCH, RESOLUTION
+from conftest import RESOLUTION
 from PIL import Image
 
 from siso.config import EditConfig
@@ -23,18 +23,18 @@ DREAMBOOTH_CLASSES = ("backpack", "stuffed animal", "bowl", "can", "candle", "ca
 
 
 @pytest.fixture(scope="session")
-def dog_photo() -> Image.Image:
-    return working_copy(load_image(DREAMBENCH / "dog" / "00.jpg"))
+def dog_photo(subject_photo) -> Image.Image:
+    return working_copy(load_image(subject_photo))
 
 
 @pytest.fixture(scope="session")
-def teapot_photo() -> Image.Image:
-    return working_copy(load_image(DREAMBENCH / "teapot" / "00.jpg"))
+def teapot_photo(dreambench) -> Image.Image:
+    return working_copy(load_image(dreambench / "teapot" / "00.jpg"))
 
 
 @pytest.fixture(scope="session")
-def cat_scene() -> Image.Image:
-    return square_crop(load_image(DREAMBENCH / "cat" / "00.jpg"), RESOLUTION)
+def cat_scene(scene_photo) -> Image.Image:
+    return square_crop(load_image(scene_photo), RESOLUTION)
 
 
 @pytest.fixture(scope="session")
@@ -214,31 +214,31 @@ def test_labeller_names_the_photos_its_towers_agree_on(labeller_dir, dog_photo, 
     assert "recognised by CLIP" in label.describe()
 
 
-def config(**options) -> EditConfig:
-    values = dict(subject=DREAMBENCH / "dog" / "00.jpg", input=DREAMBENCH / "cat" / "00.jpg",
-                  resolution=RESOLUTION, device="cpu")
+def config(subject, scene, **options) -> EditConfig:
+    values = dict(subject=subject, input=scene, resolution=RESOLUTION, device="cpu")
     values.update(options)
     return EditConfig(**values)
 
 
 def test_user_classes_override_the_labeller(labeller_dir, detector_dir, segmenter_dir, dog_photo, cat_scene,
-                                            tmp_path):
+                                            subject_photo, scene_photo, tmp_path):
+    photos = (subject_photo, scene_photo)
     # Both classes and a mask given: nothing is loaded (the model paths do not even exist).
     missing = str(tmp_path / "missing")
     user_mask = load_user_mask(save(np.tile(np.uint8([0, 255]), (64, 32)), tmp_path / "m.png"), (64, 64), 32)
     labels, mask = find_labels_and_mask(
-        config(subject_class="teapot", input_class="vase", label_model=missing, detector_model=missing,
+        config(*photos, subject_class="teapot", input_class="vase", label_model=missing, detector_model=missing,
                segmenter_model=missing), dog_photo, cat_scene, user_mask, CPU, torch.float32)
     assert labels == {"subject": Label("teapot", "user"), "input": Label("vase", "user")}
     assert mask is user_mask
     assert labels["subject"].to_record() == {"text": "teapot", "source": "user"}
     # Only the subject named: CLIP names the scene's object (its crop under the mask), not the subject.
-    labels, _ = find_labels_and_mask(config(subject_class="teapot", label_model=str(labeller_dir)),
+    labels, _ = find_labels_and_mask(config(*photos, subject_class="teapot", label_model=str(labeller_dir)),
                                      dog_photo, cat_scene, user_mask, CPU, torch.float32)
     assert labels["subject"] == Label("teapot", "user") and labels["input"].source == "auto"
     # Nothing named: CLIP's labels, then Grounding DINO + SAM look for the scene's object.
     labels, mask = find_labels_and_mask(
-        config(label_model=str(labeller_dir), detector_model=str(detector_dir),
+        config(*photos, label_model=str(labeller_dir), detector_model=str(detector_dir),
                segmenter_model=str(segmenter_dir)), dog_photo, cat_scene, None, CPU, torch.float32)
     assert (labels["subject"].text, labels["input"].text) == ("dog", "cat")
     assert mask.source == "grounding_dino+sam" and mask.detection.phrase == "a cat."

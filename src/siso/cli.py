@@ -29,6 +29,7 @@ from .cli_shared import (  # noqa: E402, F401
     Resolution,
     Seed,
     Similarity,
+    announce_device,
     console,
     ir_model_option,
     lora_formats,
@@ -62,15 +63,16 @@ def generate(
     resolution: Resolution = 512,
     max_steps: MaxSteps = 50,
     lr: Annotated[float | None, typer.Option(
-        help="AdamW learning rate (default: the backbone's: 2e-4; Sana 8e-4).")] = None,
+        help="AdamW learning rate (default: the backbone's: SD-Turbo, SDXL-Turbo, FLUX 2e-4; Sana 8e-4).")] = None,
     early_stop_pct: EarlyStopPct = 3.0,
     early_stop_patience: Annotated[
-        int | None, typer.Option(help="Stop after this many iterations without one (default: 7; Sana 5).")
+        int | None, typer.Option(help="Stop after this many iterations without one (default: the backbone's: 7; "
+                                 "Sana 5).")
     ] = None,
     denoise_steps: Annotated[int | None, typer.Option(
-        help="Denoising steps per iteration (default: 1; Sana 20).")] = None,
+        help="Denoising steps per iteration (default: the backbone's: 1; Sana 20).")] = None,
     grad_steps: Annotated[int | None, typer.Option(
-        help="How many final steps carry gradients (default: 1; Sana 3).")] = None,
+        help="How many final steps carry gradients (default: the backbone's: 1; Sana 3).")] = None,
     lora_rank: LoraRank = 4,
     train_text_encoder: Annotated[bool | None, typer.Option(
         "--train-text-encoder/--no-train-text-encoder",
@@ -102,6 +104,7 @@ def generate(
         low_memory=low_memory, dino_model=dino_model, ir_model=ir_model_option(ir_model),
         similarity=_split_similarity(similarity), device=device, dtype=dtype, lora_format=formats,
     )
+    announce_device(device, dtype)
     similarity_hint(config)
     result = run_with_progress(
         lambda **hooks: run_generation(config, out, overwrite=overwrite, **hooks), config.max_steps
@@ -128,6 +131,7 @@ def render(
     from .rendering import render as render_image
 
     _quiet_libraries()
+    announce_device(device, dtype)
     with console.status(f"Rendering with {escape(model)}"):
         render_image(model, prompt, lora=lora, out=out, steps=steps, seed=seed, resolution=resolution,
                      device=device, dtype=dtype, prompt_tokens=prompt_tokens)
@@ -182,6 +186,7 @@ def web_app(
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]Serving on {escape(host)}: anyone who can reach this machine can use your GPU.[/]")
+    announce_device(device, "auto")
     settings = AppSettings(model=model, dino_model=dino_model, ir_model=ir_model_option(ir_model),
                            resolution=resolution, max_steps=max_steps, device=device, runs_dir=runs_dir,
                            max_upload_mb=max_upload_mb)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Annotated, Any, TypeVar
 
@@ -62,6 +63,46 @@ def quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     logging.getLogger("torch").setLevel(logging.ERROR)
+    # diffusers still passes this deprecated argument to huggingface_hub on every download: not the user's to fix.
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+
+
+def announce_device(device: str, dtype: str) -> None:
+    """Say where the run computes before anything large is loaded (or downloaded); warn, not refuse, on the CPU."""
+    from .config import DEVICES, DTYPES
+    from .devices import dtype_name, resolve_device, resolve_dtype
+
+    if device not in DEVICES or dtype not in DTYPES:
+        return  # the run's config refuses these with the message that names the choices
+    resolved = resolve_device(device)
+    precision = dtype_name(resolve_dtype(dtype, resolved))
+    where = resolved.type
+    if resolved.type == "cuda":
+        import torch
+
+        where = f"cuda ({torch.cuda.get_device_name(resolved)})"
+    console.print(f"Device: {escape(where)}, dtype {precision} (frozen weights; the LoRA trains in fp32)")
+    if resolved.type == "cpu":
+        why = "PyTorch sees no CUDA or MPS GPU" if device == "auto" else "--device cpu"
+        console.print(f"[yellow]Warning: running on the CPU ({why}). A full-size model takes minutes per "
+                      "iteration here; a GPU is strongly recommended.[/]")
+
+
+def settings_line(session: Any) -> str:
+    """One line with the settings a prepared session resolved (the backbone's preset filled in)."""
+    from .devices import dtype_name
+
+    config = session.config
+    parts = [f"lr {config.learning_rate:.1e}".replace("e-0", "e-"),
+             f"early stop {config.early_stop_pct:g} % / {config.early_stop_patience} iterations"]
+    if getattr(config, "denoise_steps", None) is not None:
+        parts.append(f"denoise/grad steps {config.denoise_steps}/{config.grad_steps}")
+    if getattr(config, "inversion_steps", None) is not None:
+        parts.append(f"inversion steps {config.inversion_steps}, strength {config.strength:g}")
+    parts += [f"max steps {config.max_steps}", f"LoRA rank {config.lora_rank}", f"seed {config.seed}",
+              f"resolution {config.resolution}", f"device {session.device}",
+              f"dtype {dtype_name(session.dtype)}"]
+    return "Settings: " + ", ".join(parts)
 
 
 @contextlib.contextmanager
@@ -125,6 +166,7 @@ def run_with_progress(start: Callable[..., Result], max_steps: int,
 
         def session_ready(session) -> None:
             stack.enter_context(stop_on_ctrl_c(session.request_stop))
+            console.print(escape(settings_line(session)), highlight=False)
             if on_session is not None:
                 on_session(session)
             progress.update(task, description="Optimising", total=session.config.max_steps)

@@ -22,6 +22,7 @@ from .cli_shared import (
     Resolution,
     Seed,
     Similarity,
+    announce_device,
     console,
     ir_model_option,
     lora_formats,
@@ -101,6 +102,7 @@ def edit(
         segmenter_model=segmenter_model, box_threshold=box_threshold, text_threshold=text_threshold,
         device=device, dtype=dtype, lora_format=lora_formats(lora_format),
     )
+    announce_device(device, dtype)
     similarity_hint(config)
 
     def announce(session) -> None:

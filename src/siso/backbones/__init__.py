@@ -8,6 +8,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..errors import SisoError
+from ..hub import read_model_index
 from .base import Backbone, Conditioning, render
 from .flux import FluxBackbone
 from .sana import SanaBackbone
@@ -32,7 +33,9 @@ def read_pipeline_class(model: str) -> str:
             "Pass a Hub id such as stabilityai/sdxl-turbo or a directory saved with save_pretrained."
         )
     try:
-        config = DiffusionPipeline.load_config(model)
+        config = read_model_index(model)  # fails fast, with its own SisoError, when the Hub is unreachable
+    except SisoError:
+        raise
     except Exception as err:  # huggingface_hub raises several types for "not found / offline"
         raise SisoError(
             f"Could not read the model index of {model!r}: {err.__class__.__name__}. Check the id or path; "

@@ -1,0 +1,56 @@
+"""A model's ``model_index.json``, from a directory or the Hugging Face Hub, failing fast when the Hub
+cannot be reached.
+
+Asked for a Hub id on a machine without internet, huggingface_hub retries five times with backoff
+(about 25 s of "Retrying in 8s" lines) before giving up. Here a model already in the local cache is read
+from it without any request, and otherwise one quick request checks that the Hub answers before the
+usual download path runs; if it does not, one clear SisoError says so at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import SisoError
+
+REACHABLE_TIMEOUT_S = 10.0
+
+
+def read_model_index(model: str) -> dict[str, Any]:
+    """The model index (a dict with ``_class_name``) of a pipeline directory or Hub id.
+
+    Raises whatever diffusers raises for a model it cannot read, except for an unreachable Hub:
+    that is a SisoError naming the endpoint and what to do.
+    """
+    from diffusers import DiffusionPipeline
+
+    if Path(model).exists():
+        return DiffusionPipeline.load_config(model)
+    try:
+        return DiffusionPipeline.load_config(model, local_files_only=True)  # downloaded before: no request
+    except Exception:  # not in the cache (diffusers raises OSError/EnvironmentError types)
+        pass
+    check_hub_reachable(model)
+    return DiffusionPipeline.load_config(model)
+
+
+def check_hub_reachable(model: str) -> None:
+    """One request to the Hub's endpoint, no retries; any HTTP answer means it is reachable.
+
+    Nothing to check when the Hub is switched off (HF_HUB_OFFLINE=1): diffusers then fails at once itself.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    endpoint = constants.ENDPOINT
+    try:
+        get_session().head(endpoint, timeout=REACHABLE_TIMEOUT_S)
+    except Exception as err:  # DNS failure, refused connection, timeout, proxy or TLS trouble
+        raise SisoError(
+            f"{model!r} is not in the local Hugging Face cache and the Hub ({endpoint}) cannot be reached "
+            f"({err.__class__.__name__}: {err}). The first run of a Hub model needs internet access to "
+            "download it (later runs use the cache); or pass a local directory saved with save_pretrained."
+        ) from err
