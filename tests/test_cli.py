@@ -33,8 +33,8 @@ def test_generate_then_render(run_siso, monkeypatch, tmp_path, sd_dir, dino_dir,
     # Where it runs, before anything loads; then the settings the backbone's preset resolved.
     assert "Device: cpu, dtype fp32" in text and "Warning: running on the CPU (--device cpu)" in text
     assert text.index("Device: cpu") < text.index("Settings:")
-    assert ("Settings: lr 5.0e-3, early stop 3 % / 7 iterations, denoise/grad steps 1/1, max steps 4, LoRA rank 4, "
-            f"seed 42, resolution {RESOLUTION}, device cpu, dtype fp32") in text
+    assert ("Settings: lr 5.0e-3, early stop 3 % / 7 iterations, denoise/grad steps 1/1, weight decay 0.01, "
+            f"max steps 4, LoRA rank 4, seed 42, resolution {RESOLUTION}, device cpu, dtype fp32") in text
     record = json.loads((out / "run.json").read_text())
     assert record["stop_reason"] == "max_steps" and len(record["losses"]) == 4
     assert record["config"]["similarity"] == ["dino"]

@@ -202,7 +202,8 @@ def test_edit_then_render_on_the_command_line(siso, tmp_path, photos, sd_dir, di
     assert "Subject: dog (recognised by CLIP, confidence" in output and "Replacing: cat (recognised by CLIP" in output
     assert "Grounding DINO + SAM" in output and "Best iteration" in output and str(out / "mask.png") in output
     assert "Device: cpu, dtype fp32" in output
-    assert ("Settings: lr 5.0e-3, early stop 5 % / 5 iterations, inversion steps 4, strength 0.75, max steps 2, "
+    assert ("Settings: lr 5.0e-3, early stop 3 % / 7 iterations, inversion steps 4, strength 0.75, grad steps 1, "
+            "weight decay 0.01, max steps 2, "
             f"LoRA rank 4, seed 42, resolution {RESOLUTION}, device cpu, dtype fp32") in output
     assert {"input.png", "mask.png", "reconstruction.png", "best.png"} <= {p.name for p in out.iterdir()}
     record = json.loads((out / "run.json").read_text())

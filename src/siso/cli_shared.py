@@ -100,7 +100,11 @@ def settings_line(session: Any) -> str:
     if getattr(config, "denoise_steps", None) is not None:
         parts.append(f"denoise/grad steps {config.denoise_steps}/{config.grad_steps}")
     if getattr(config, "inversion_steps", None) is not None:
-        parts.append(f"inversion steps {config.inversion_steps}, strength {config.strength:g}")
+        parts.append(f"inversion steps {config.inversion_steps}, strength {config.strength:g}, "
+                     f"grad steps {config.grad_steps}")
+    parts.append(f"weight decay {config.adam_weight_decay:g}")
+    if getattr(config, "train_text_encoder", False):
+        parts.append(f"text-encoder LoRA (lr {config.text_encoder_learning_rate:.1e})".replace("e-0", "e-"))
     parts += [f"max steps {config.max_steps}", f"LoRA rank {config.lora_rank}", f"seed {config.seed}",
               f"resolution {config.resolution}", f"device {session.device}",
               f"dtype {dtype_name(session.dtype)}"]
