@@ -203,7 +203,7 @@ def prepare_edit(config: EditConfig, status: Status = _quiet, cache: ModelCache 
         )
     backbone_class.check_options(config.model, False, config.lora_format)
     config = config.resolved(backbone_class.default_lora_formats)
-    check_similarity_sources(config)
+    check_similarity_sources(config, cache)
     for source, flag in ((config.label_model, "--label-model"), (config.detector_model, "--detector-model"),
                          (config.segmenter_model, "--segmenter-model")):
         check_source(source, flag)

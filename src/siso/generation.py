@@ -90,7 +90,7 @@ def prepare_generation(config: GenerateConfig, status: Status = _quiet,
     cache = cache or ModelCache()
     config = config.with_ir_resolved()
     subjects = [working_copy(load_image(path, "subject photo")) for path in config.subjects]
-    check_similarity_sources(config)
+    check_similarity_sources(config, cache)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     with _out_of_memory_as_error(config):
@@ -116,10 +116,12 @@ def prepare_generation(config: GenerateConfig, status: Status = _quiet,
                              setup_seconds=time.perf_counter() - started)
 
 
-def check_similarity_sources(config: GenerateConfig | EditConfig) -> None:
-    """The similarity models' sources, checked before the (much larger) backbone loads."""
+def check_similarity_sources(config: GenerateConfig | EditConfig, cache: ModelCache) -> None:
+    """The similarity models' sources, checked before the (much larger) backbone loads (those the
+    cache already holds were loaded, so checked, before)."""
     for name, source in similarity_sources(config).items():
-        SIMILARITY_MODELS[name].check_source(source)
+        if not cache.has_similarity(name, source):
+            SIMILARITY_MODELS[name].check_source(source)
 
 
 def similarity_sources(config: GenerateConfig | EditConfig) -> dict[str, str]:
