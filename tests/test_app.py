@@ -36,7 +36,8 @@ def served_app(sd_dir, dino_dir, tmp_path_factory):
 
     runs = tmp_path_factory.mktemp("app-runs")
     settings = AppSettings(model=str(sd_dir), edit_model=str(sd_dir), dino_model=str(dino_dir),
-                           resolution=RESOLUTION, max_steps=400, device="cpu", runs_dir=runs)
+                           resolution=RESOLUTION, max_steps=400, device="cpu", runs_dir=runs,
+                           max_job_steps=100_000)  # the tests run jobs that only Stop ends
     demo = build_app(settings)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,

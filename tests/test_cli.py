@@ -63,14 +63,13 @@ def test_generate_then_render(run_siso, monkeypatch, tmp_path, sd_dir, dino_dir,
     assert beach.shape == plain.shape and (beach - plain).abs().max() > 1 / 255
 
 
-def test_overwrite_keeps_foreign_files(run_siso, monkeypatch, tmp_path, sd_dir, dino_dir, subject_photo):
+def test_overwrite_refuses_a_directory_that_is_not_a_siso_run(run_siso, tmp_path, sd_dir, dino_dir, subject_photo):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    code, text = run_siso(*generate_args(sd_dir, dino_dir, subject_photo, out,
-                                                              "--max-steps", "1", "--overwrite"))
-    assert code == 0, text
-    assert (out / "notes.txt").read_text() == "mine" and (out / "best.png").is_file()
+    code, text = run_siso(*generate_args(sd_dir, dino_dir, subject_photo, out, "--max-steps", "1", "--overwrite"))
+    assert code == 2 and "not a siso run" in text
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
 
 
 def test_nan_loss_stops_and_keeps_the_best(run_siso, monkeypatch, tmp_path, sd_dir, dino_dir, subject_photo):
@@ -113,7 +112,7 @@ def test_ctrl_c_stops_after_the_current_iteration(tmp_path, sd_dir, dino_dir, su
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 0, output
+    assert process.returncode == 130, output  # what a shell reports for Ctrl-C; the best is saved
     assert "Traceback" not in output
     record = json.loads((out / "run.json").read_text())
     assert record["stop_reason"] == "interrupted" and record["status"] == "finished"

@@ -7,6 +7,8 @@ no second implementation of the loop. Every run also lands in an ordinary run di
 
 from __future__ import annotations
 
+import math
+import socket
 import threading
 import time
 import uuid
@@ -52,6 +54,35 @@ class AppSettings:
     device: str = "auto"
     runs_dir: Path = Path("siso-runs")
     max_upload_mb: int = 25
+    #: one job may not hold the only GPU queue for ever: at most this many iterations (Continue
+    #: included) and this long per Start or Continue
+    max_job_steps: int = 200
+    max_job_minutes: float = 30.0
+    #: the models the page may ask for (Hub ids or directories); None: any
+    model_allowlist: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_upload_mb < 1:
+            raise SisoError(f"--max-upload-mb must be at least 1, got {self.max_upload_mb}.")
+        if self.max_job_steps < 1 or not (self.max_job_minutes > 0 and math.isfinite(self.max_job_minutes)):
+            raise SisoError("--max-job-steps and --max-job-minutes must be positive.")
+        if not 1 <= self.max_steps <= self.max_job_steps:
+            raise SisoError(f"--max-steps must be from 1 to --max-job-steps ({self.max_job_steps}), "
+                            f"got {self.max_steps}.")
+        if self.runs_dir.exists() and not self.runs_dir.is_dir():
+            raise SisoError(f"--runs-dir {self.runs_dir} is a file; pass a directory for the runs.")
+
+    def check_model(self, model: str) -> str:
+        """``model`` if the page may load it; the allowlist keeps clients off arbitrary server paths."""
+        if self.model_allowlist is not None and model not in self.model_allowlist:
+            raise SisoError(f"This server only runs {', '.join(self.model_allowlist)}; {model!r} is not allowed "
+                            "(its operator can add it with --model-allowlist).")
+        return model
+
+    def check_steps(self, steps: int) -> int:
+        if steps > self.max_job_steps:
+            raise SisoError(f"This server allows at most {self.max_job_steps} iterations per job; asked for {steps}.")
+        return steps
 
 
 @dataclass
@@ -61,6 +92,7 @@ class BrowserSession:
     run: GenerationRun | None = None
     events: list[StepEvent] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    note: str = ""  # why the app itself stopped the run (its time limit), shown with the status
 
 
 class SisoApp:
@@ -89,8 +121,9 @@ class SisoApp:
         try:
             config = GenerateConfig(
                 subjects=tuple(Path(_path_of(p)) for p in photos), prompt=prompt or "",
-                model=(model or self.settings.model).strip(), seed=int(seed), resolution=int(resolution),
-                max_steps=int(max_steps), learning_rate=float(learning_rate) if learning_rate else None,
+                model=self.settings.check_model((model or self.settings.model).strip()), seed=int(seed),
+                resolution=int(resolution), max_steps=self.settings.check_steps(int(max_steps)),
+                learning_rate=float(learning_rate) if learning_rate else None,
                 early_stop_patience=int(patience) if patience else None,
                 dino_model=self.settings.dino_model, ir_model=self.settings.ir_model, device=self.settings.device,
             )
@@ -105,7 +138,11 @@ class SisoApp:
         session = self.session(request, tab)
         if session.run is None:
             raise gr.Error("Nothing to continue: start a run first.")
-        session.run.session.optimization.extend(CONTINUE_STEPS)
+        optimization = session.run.session.optimization
+        extra = min(CONTINUE_STEPS, self.settings.max_job_steps - len(optimization.history))
+        if extra < 1:
+            raise gr.Error(f"This run has reached the server's limit of {self.settings.max_job_steps} iterations.")
+        optimization.extend(extra)
         yield from self._stream(session, self._extra(session, tab))
 
     def stop(self, request: gr.Request, tab: str = "generate") -> str:
@@ -125,9 +162,15 @@ class SisoApp:
     def _stream(self, session: BrowserSession, extra: tuple = ()) -> Iterator[tuple]:
         """The live view of a run; ``extra`` outputs (the edit tab's mask overlay) lead each update."""
         run = session.run
+        session.note = ""
+        deadline = time.monotonic() + 60 * self.settings.max_job_minutes
         try:
             for event in run.steps():
                 session.events.append(event)
+                if time.monotonic() > deadline and not session.note:
+                    run.session.request_stop()  # this iteration was the last: the queue is shared
+                    limit = self.settings.max_job_minutes
+                    session.note = f"Stopped at the server's limit of {limit:g} minutes per job."
                 yield extra + self._view(session, finished=False)
             run.finish()
         except SisoError as err:
@@ -150,8 +193,10 @@ class SisoApp:
             config = EditConfig(
                 subject=Path(_path_of(subject)), input=Path(_path_of(scene)),
                 subject_class=(subject_class or "").strip() or None, input_class=(input_class or "").strip() or None,
-                mask=Path(_path_of(mask)) if mask else None, model=(model or "").strip() or self.settings.edit_model,
-                seed=int(seed), resolution=self.settings.resolution, max_steps=int(max_steps),
+                mask=Path(_path_of(mask)) if mask else None,
+                model=self.settings.check_model((model or "").strip() or self.settings.edit_model),
+                seed=int(seed), resolution=self.settings.resolution,
+                max_steps=self.settings.check_steps(int(max_steps)),
                 bg_weight=float(bg_weight), dino_model=self.settings.dino_model, ir_model=self.settings.ir_model,
                 device=self.settings.device,
             )
@@ -178,6 +223,8 @@ class SisoApp:
         if finished:
             reason = run.session.optimization.stop_reason
             status = f"**Finished** ({reason}). " + status + f" · run directory `{out}`"
+        if session.note:
+            status += f" · {session.note}"
         downloads = None
         if finished and (out / "lora" / DIFFUSERS_WEIGHT_NAME).is_file():
             # The kohya file is there for SD and SDXL runs (ComfyUI / A1111 load it); FLUX and Sana have none.
@@ -204,7 +251,8 @@ class SisoApp:
                 raise gr.Error("This tab has no finished run yet: generate first, or upload a LoRA file.")
             lora = session.run.out_dir / "lora"
         try:
-            config = RenderConfig(model=(model or self.settings.model).strip(), prompt=prompt or "", lora=lora,
+            config = RenderConfig(model=self.settings.check_model((model or self.settings.model).strip()),
+                                  prompt=prompt or "", lora=lora,
                                   steps=int(steps) if steps else None, seed=int(seed),
                                   resolution=int(resolution), device=self.settings.device)
             backbone = load_render_backbone(config, self.cache)
@@ -270,7 +318,9 @@ def _live_view(prefix: str) -> list:
 
 def build_app(settings: AppSettings, cache: ModelCache | None = None) -> gr.Blocks:
     app = SisoApp(settings, cache)
-    with gr.Blocks(title="siso: single-image personalisation") as demo:
+    # delete_cache: gradio removes the uploads it keeps in its temporary folder once they are an hour
+    # old (checked every 10 minutes, and when the app closes); the runs themselves live in runs_dir.
+    with gr.Blocks(title="siso: single-image personalisation", delete_cache=(600, 3600)) as demo:
         gr.Markdown(
             "# siso\nPersonalise a text-to-image model from **one photo**. Watch the subject appear, "
             "press **Stop** when you like it, and take the LoRA home."
@@ -347,14 +397,32 @@ def build_app(settings: AppSettings, cache: ModelCache | None = None) -> gr.Bloc
     return demo
 
 
-def launch(settings: AppSettings, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+def check_port(host: str, port: int) -> None:
+    """Refuse a port that cannot be served, before any model or page is built."""
+    if not 1 <= port <= 65535:
+        raise SisoError(f"--port must be from 1 to 65535, got {port}.")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise SisoError(f"Cannot serve on {host}:{port} ({err.strerror or err}): another program uses the port, "
+                            "or the address is not this machine's. Pass another one with --port (and --host).") from err
+
+
+def launch(settings: AppSettings, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
+           auth: tuple[str, str] | None = None):
     """Serve the app. Binds loopback unless told otherwise; uploads are size-limited; only the
-    files the app itself wrote (its runs directory) can be downloaded."""
-    settings.runs_dir.mkdir(parents=True, exist_ok=True)
+    files the app itself wrote (its runs directory) can be downloaded; ``auth`` asks for a login."""
+    check_port(host, port)
+    try:
+        settings.runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SisoError(f"--runs-dir {settings.runs_dir} cannot be created ({err.strerror or err}).") from err
     demo = build_app(settings)
     demo.launch(
         server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True,
         max_file_size=f"{settings.max_upload_mb}mb", allowed_paths=[str(settings.runs_dir.resolve())],
-        quiet=not block,
+        quiet=not block, auth=auth,
     )
     return demo

@@ -70,7 +70,7 @@ def bench(
 
     from .cli import _quiet_libraries, console
     from .cli_shared import ir_model_option
-    from .errors import SisoError
+    from .errors import EXIT_FAILED_ITEMS, SisoError
     from .eval.manifest import dreambench_items, read_manifest, select
     from .eval.runner import run_bench
     from .eval.settings import BenchSettings
@@ -109,6 +109,11 @@ def bench(
                   if name in ("fid", "kid", "cmmd")]
         console.print(f"  {method}: " + ", ".join(parts))
     console.print(f"  summary: {escape(str(out / 'summary.md'))} (and summary.csv; per item: results.jsonl)")
+    if report.failed:
+        # Scripts and schedulers must see that the benchmark is incomplete; rerunning retries the failed items.
+        console.print(f"[red]{len(report.failed)} item(s) failed[/] (see results.jsonl); rerun the same command to "
+                      "retry them.")
+        raise typer.Exit(EXIT_FAILED_ITEMS)
 
 
 class _RichProgress:

@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
+import dataclasses  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated  # noqa: E402
@@ -29,8 +30,10 @@ from .cli_shared import (  # noqa: E402, F401
     Resolution,
     Seed,
     Similarity,
+    StopSignals,
     announce_device,
     console,
+    exit_after_signal,
     ir_model_option,
     lora_formats,
     print_summary,
@@ -39,7 +42,6 @@ from .cli_shared import (  # noqa: E402, F401
 )
 from .cli_shared import quiet_libraries as _quiet_libraries  # noqa: E402
 from .cli_shared import split_similarity as _split_similarity  # noqa: E402
-from .cli_shared import stop_on_ctrl_c as _stop_on_ctrl_c  # noqa: E402, F401
 from .config import DEFAULT_DINO_MODEL, DEFAULT_GENERATION_MODEL, GenerateConfig  # noqa: E402
 from .errors import SisoError  # noqa: E402
 
@@ -106,10 +108,12 @@ def generate(
     )
     announce_device(device, dtype)
     similarity_hint(config)
+    signals = StopSignals()
     result = run_with_progress(
-        lambda **hooks: run_generation(config, out, overwrite=overwrite, **hooks), config.max_steps
+        lambda **hooks: run_generation(config, out, overwrite=overwrite, **hooks), config.max_steps, signals=signals
     )
     print_summary(result)
+    exit_after_signal(result, signals)
 
 
 @app.command()
@@ -179,23 +183,49 @@ def web_app(
     device: Device = "auto",
     runs_dir: Annotated[Path, typer.Option(help="Where every run's directory is written.")] = Path("siso-runs"),
     max_upload_mb: Annotated[int, typer.Option(help="Largest accepted upload, in MB.")] = 25,
+    max_job_steps: Annotated[int, typer.Option(
+        help="Most iterations one job may run (Continue included), so no client holds the GPU queue.")] = 200,
+    max_job_minutes: Annotated[float, typer.Option(help="Longest one Start or Continue may run, in minutes.")] = 30.0,
+    auth: Annotated[str | None, typer.Option(
+        help="USER:PASSWORD that the page asks for (gradio's login); also read from $SISO_APP_AUTH.")] = None,
+    model_allowlist: Annotated[str | None, typer.Option(
+        help="Comma-separated models (Hub ids or directories) the page may load (default: any on 127.0.0.1; "
+             "only --model and the editing model when serving beyond it).")] = None,
 ) -> None:
     """Serve the web app: upload a photo, watch each iteration, stop when it looks right."""
     _quiet_libraries()
     from .app import AppSettings, launch
 
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]Serving on {escape(host)}: anyone who can reach this machine can use your GPU.[/]")
-    announce_device(device, "auto")
+    credentials = _parse_auth(auth or os.environ.get("SISO_APP_AUTH"))
+    local = host in ("127.0.0.1", "localhost", "::1")
+    allowed = tuple(m.strip() for m in model_allowlist.split(",") if m.strip()) if model_allowlist else None
     settings = AppSettings(model=model, dino_model=dino_model, ir_model=ir_model_option(ir_model),
                            resolution=resolution, max_steps=max_steps, device=device, runs_dir=runs_dir,
-                           max_upload_mb=max_upload_mb)
+                           max_upload_mb=max_upload_mb, max_job_steps=max_job_steps, max_job_minutes=max_job_minutes)
+    if allowed is None and not local:
+        allowed = (settings.model, settings.edit_model)  # clients must not make the server load arbitrary paths
+    settings = dataclasses.replace(settings, model_allowlist=allowed)
+    if not local:
+        login = ("a login is required (--auth)" if credentials else
+                 "there is NO login: anyone who can reach it can use your GPU; add one with --auth USER:PASSWORD")
+        console.print(f"[yellow]Serving on {escape(host)}: {login}; the page may load only "
+                      f"{escape(', '.join(allowed))} (--model-allowlist).[/]")
+    announce_device(device, "auto")
     from .ir_cache import DINO_ONLY_NOTICE, resolve_ir_model
 
     if resolve_ir_model(settings.ir_model) is None:
         console.print(f"[yellow]{escape(DINO_ONLY_NOTICE)}[/]")
     console.print(f"Serving on http://{escape(host)}:{port}  (runs are written to {escape(str(runs_dir))})")
-    launch(settings, host=host, port=port)
+    launch(settings, host=host, port=port, auth=credentials)
+
+
+def _parse_auth(value: str | None) -> tuple[str, str] | None:
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise SisoError("--auth takes USER:PASSWORD (both non-empty).")
+    return user, password
 
 
 # -- commands defined in their own modules (one module per command) ------------------------------

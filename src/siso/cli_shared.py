@@ -49,6 +49,8 @@ STOP_REASONS = {
     "interrupted": "interrupted; the best iteration so far was kept",
     "nan": "stopped: the loss became NaN; the best finite iteration was kept",
 }
+#: exit codes after a stop by signal, as shells report a process killed by it (128 + the signal)
+SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 Result = TypeVar("Result")
 
@@ -109,24 +111,38 @@ def settings_line(session: Any) -> str:
     return "Settings: " + ", ".join(parts)
 
 
-@contextlib.contextmanager
-def stop_on_ctrl_c(request_stop: Callable[[], None]) -> Iterator[None]:
-    """First Ctrl-C: finish this iteration, then save. Second: stop at once (the best is still saved)."""
-    previous = signal.getsignal(signal.SIGINT)
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (what `docker stop`, `timeout`, Slurm and Kubernetes send) both stop
+    a run gracefully: the first finishes this iteration, then everything is written; a second stops
+    at once (the best iteration's image and LoRA are on disk already). ``received`` is the first."""
 
-    def handler(signum, frame):
-        if handler.pressed:  # type: ignore[attr-defined]
-            raise KeyboardInterrupt
-        handler.pressed = True  # type: ignore[attr-defined]
-        request_stop()
-        console.print("[yellow]Stopping after this iteration; press Ctrl-C again to stop at once.[/]")
+    def __init__(self) -> None:
+        self.received: int | None = None
 
-    handler.pressed = False  # type: ignore[attr-defined]
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    @property
+    def exit_code(self) -> int | None:
+        return SIGNAL_EXIT_CODES.get(self.received) if self.received is not None else None
+
+    @contextlib.contextmanager
+    def stopping(self, request_stop: Callable[[], None]) -> Iterator[None]:
+        def handler(signum, frame):
+            if self.received is not None:
+                raise KeyboardInterrupt
+            self.received = signum
+            request_stop()
+            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            console.print(f"[yellow]{name}: stopping after this iteration; send it again to stop at once "
+                          "(the best iteration so far is saved either way).[/]")
+
+        previous = {sig: signal.getsignal(sig) for sig in SIGNAL_EXIT_CODES}
+        for sig in SIGNAL_EXIT_CODES:
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
 
 
 def split_similarity(value: str | None) -> tuple[str, ...] | None:
@@ -157,9 +173,12 @@ def similarity_hint(config: Any) -> None:
 
 
 def run_with_progress(start: Callable[..., Result], max_steps: int,
-                      on_session: Callable[[Any], None] | None = None) -> Result:
+                      on_session: Callable[[Any], None] | None = None,
+                      signals: StopSignals | None = None) -> Result:
     """Run ``start(on_step=, status=, on_session=)`` (``run_generation``-shaped) under a progress bar,
-    with Ctrl-C wired to the session's ``request_stop``; ``on_session`` is called once it is ready."""
+    with Ctrl-C and SIGTERM wired to the session's ``request_stop``; ``on_session`` is called once it
+    is ready."""
+    signals = signals if signals is not None else StopSignals()
     progress = Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[losses]}"), TimeElapsedColumn(), console=console, transient=False,
@@ -169,7 +188,7 @@ def run_with_progress(start: Callable[..., Result], max_steps: int,
         task = progress.add_task("Loading", total=max_steps, losses="")
 
         def session_ready(session) -> None:
-            stack.enter_context(stop_on_ctrl_c(session.request_stop))
+            stack.enter_context(signals.stopping(session.request_stop))
             console.print(escape(settings_line(session)), highlight=False)
             if on_session is not None:
                 on_session(session)
@@ -182,6 +201,12 @@ def run_with_progress(start: Callable[..., Result], max_steps: int,
 
         return start(on_step=on_step, status=lambda message: progress.update(task, description=escape(message)),
                      on_session=session_ready)
+
+
+def exit_after_signal(result: Any, signals: StopSignals) -> None:
+    """Exit as scripts expect of a run a signal stopped: 130 after Ctrl-C, 143 after SIGTERM."""
+    if result.stop_reason == "interrupted" and signals.exit_code is not None:
+        raise typer.Exit(signals.exit_code)
 
 
 def print_summary(result: Any, files: Iterable[tuple[str, str]] = ()) -> None:

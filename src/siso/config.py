@@ -6,6 +6,7 @@ its record alone.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -88,22 +89,14 @@ class GenerateConfig:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise SisoError('The prompt is empty: pass a description such as --prompt "a photo of a dog".')
         _check_positive("max-steps", self.max_steps)
-        _check_positive("resolution", self.resolution)
+        _check_shared(self)
         _check_positive("lora-rank", self.lora_rank)
         for name, value in (("denoise-steps", self.denoise_steps), ("grad-steps", self.grad_steps),
                             ("early-stop-patience", self.early_stop_patience)):
             if value is not None:
                 _check_positive(name, value)
-        if self.learning_rate is not None and not self.learning_rate > 0:
-            raise SisoError(f"--lr must be a positive number, got {self.learning_rate}.")
-        if self.text_encoder_learning_rate is not None and not self.text_encoder_learning_rate > 0:
-            raise SisoError(f"--text-encoder-lr must be a positive number, got {self.text_encoder_learning_rate}.")
-        for name, value in (("adam_weight_decay", self.adam_weight_decay),
-                            ("text_encoder_weight_decay", self.text_encoder_weight_decay)):
-            if value is not None and not value >= 0:
-                raise SisoError(f"{name} must be a number >= 0, got {value}.")
-        if self.early_stop_pct < 0:
-            raise SisoError(f"--early-stop-pct must be >= 0, got {self.early_stop_pct}.")
+        _check_number("text-encoder-lr", self.text_encoder_learning_rate, exclusive=True)
+        _check_number("text-encoder-weight-decay", self.text_encoder_weight_decay)
         if self.device not in DEVICES:
             raise SisoError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}.")
         if self.dtype not in DTYPES:
@@ -127,6 +120,13 @@ class GenerateConfig:
     @property
     def similarity_names(self) -> tuple[str, ...]:
         return _similarity_names(self.similarity, self.ir_model)
+
+    def input_paths(self) -> tuple[Path, ...]:
+        """Every local file or directory the run reads (an --overwrite must not replace any)."""
+        return _local_paths(*self._input_sources())
+
+    def _input_sources(self) -> tuple[str | Path | None, ...]:
+        return (*self.subjects, self.model, self.dino_model, self.ir_model)
 
     def with_ir_resolved(self) -> Any:
         """``ir_model`` ``auto`` replaced by the cached IR conversion, or None (then DINO only)."""
@@ -199,6 +199,46 @@ def _check_lora_formats(formats: tuple[str, ...] | None) -> tuple[str, ...] | No
     return formats
 
 
+MAX_RESOLUTION = 2048  # beyond the sizes these models are trained at, and beyond most GPUs' memory
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+
+
+def _check_number(flag: str, value: float | None, minimum: float = 0.0, exclusive: bool = False) -> None:
+    """A finite number above ``minimum`` (None passes: the preset decides); NaN and inf never do."""
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > minimum if exclusive else
+                                                                       value >= minimum)
+    if not ok:
+        bound = f"> {minimum:g}" if exclusive else f">= {minimum:g}"
+        raise SisoError(f"--{flag} must be a finite number {bound}, got {value!r}.")
+
+
+def _check_size_and_seed(config: Any) -> None:
+    _check_positive("resolution", config.resolution)
+    if config.resolution > MAX_RESOLUTION:
+        raise SisoError(f"--resolution {config.resolution} is too large: siso optimises at the model's native size "
+                        f"(512 in the paper); at most {MAX_RESOLUTION}.")
+    if not isinstance(config.seed, int) or not 0 <= config.seed <= MAX_SEED:
+        raise SisoError(f"--seed must be a whole number from 0 to 2**64 - 1, got {config.seed!r}.")
+
+
+def _check_shared(config: Any) -> None:
+    """The checks every optimising run's numbers share (generation and editing)."""
+    _check_size_and_seed(config)
+    _check_number("lr", config.learning_rate, exclusive=True)
+    _check_number("early-stop-pct", config.early_stop_pct)
+    for flag, value in (("dino-weight", config.dino_weight), ("ir-weight", config.ir_weight),
+                        ("adam-weight-decay", config.adam_weight_decay), ("max-grad-norm", config.max_grad_norm),
+                        ("adam-eps", config.adam_eps)):
+        _check_number(flag, value)
+
+
+def _local_paths(*sources: str | Path | None) -> tuple[Path, ...]:
+    """The sources that name local files or directories (Hub ids do not exist on disk)."""
+    return tuple(Path(s) for s in sources if s and Path(s).exists())
+
+
 def _check_positive(flag: str, value: int) -> None:
     if not isinstance(value, int) or value < 1:
         raise SisoError(f"--{flag} must be a whole number >= 1, got {value!r}.")
@@ -223,7 +263,7 @@ class RenderConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise SisoError('The prompt is empty: pass a description such as --prompt "a dog on the beach".')
-        _check_positive("resolution", self.resolution)
+        _check_size_and_seed(self)
         if self.steps is not None:
             _check_positive("steps", self.steps)
         if self.prompt_tokens is not None:
@@ -298,15 +338,12 @@ class EditConfig:
                     raise SisoError(f'--{flag} is empty: name the object, e.g. --{flag} "dog", or leave it out '
                                     "to have it recognised automatically.")
                 object.__setattr__(self, name, " ".join(value.split()))
-        for flag, value in (("max-steps", self.max_steps), ("resolution", self.resolution),
+        _check_shared(self)
+        for flag, value in (("max-steps", self.max_steps),
                             ("lora-rank", self.lora_rank), ("inversion-steps", self.inversion_steps),
                             ("early-stop-patience", self.early_stop_patience), ("grad-steps", self.grad_steps)):
             _check_positive(flag, value)
-        if not self.learning_rate > 0:
-            raise SisoError(f"--lr must be a positive number, got {self.learning_rate}.")
-        if self.early_stop_pct < 0:
-            raise SisoError(f"--early-stop-pct must be >= 0, got {self.early_stop_pct}.")
-        if not self.bg_weight >= 0:
+        if not (math.isfinite(self.bg_weight) and self.bg_weight >= 0):
             raise SisoError(f"--bg-weight must be >= 0 (0 turns the background loss off), got {self.bg_weight}.")
         if not 0 < self.strength <= 1:
             raise SisoError(f"--strength must be in (0, 1], got {self.strength}.")
@@ -322,7 +359,7 @@ class EditConfig:
                 f"(--strength {self.strength} of --inversion-steps {self.inversion_steps})."
             )
         for flag, value in (("box-threshold", self.box_threshold), ("text-threshold", self.text_threshold)):
-            if not 0 <= value <= 1:
+            if not 0 <= value <= 1:  # NaN fails this too
                 raise SisoError(f"--{flag} must be in [0, 1], got {value}.")
         if self.device not in DEVICES:
             raise SisoError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}.")
@@ -342,6 +379,14 @@ class EditConfig:
     @property
     def similarity_names(self) -> tuple[str, ...]:
         return _similarity_names(self.similarity, self.ir_model)
+
+    def input_paths(self) -> tuple[Path, ...]:
+        """Every local file or directory the run reads (an --overwrite must not replace any)."""
+        return _local_paths(*self._input_sources())
+
+    def _input_sources(self) -> tuple[str | Path | None, ...]:
+        return (self.subject, self.input, self.mask, self.model, self.dino_model, self.ir_model, self.label_model,
+                self.detector_model, self.segmenter_model)
 
     def with_ir_resolved(self) -> Any:
         """``ir_model`` ``auto`` replaced by the cached IR conversion, or None (then DINO only)."""

@@ -155,6 +155,17 @@ def _to_hf(state_dict: Mapping[str, torch.Tensor], num_layers: int) -> dict[str,
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def _load_failure(err: Exception) -> str:
+    """What went wrong reading a checkpoint, without torch's advice to load it with weights_only=False
+    (that would run whatever code the pickle carries; siso never does)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    unsafe = next((line for line in lines if "Unsupported global" in line or "Unsupported operand" in line), None)
+    if unsafe is not None:
+        return f"it holds Python objects beyond tensors, refused for safety: {unsafe}"
+    detail = next((line for line in lines if "weights_only" not in line.lower()), "")
+    return f"{type(err).__name__}{': ' + detail[:200] if detail else ''}"
+
+
 def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise SisoError(
@@ -166,8 +177,7 @@ def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types here (UnpicklingError, RuntimeError, EOFError, ...)
         raise SisoError(
-            f"IR checkpoint {path} is not a PyTorch checkpoint siso can load safely "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            f"IR checkpoint {path} is not a PyTorch checkpoint siso can load safely ({_load_failure(err)}); "
             f"pass the .pth file of {EXPECTED_LAYOUT}."
         ) from err
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):

@@ -22,8 +22,10 @@ from .cli_shared import (
     Resolution,
     Seed,
     Similarity,
+    StopSignals,
     announce_device,
     console,
+    exit_after_signal,
     ir_model_option,
     lora_formats,
     print_summary,
@@ -110,13 +112,16 @@ def edit(
             console.print(f"{name}: {escape(session.labels[role].describe())}")
         console.print(f"Mask: {escape(_describe_mask(session.mask))}; inversion residual {session.residual:.4f}")
 
+    signals = StopSignals()
     result = run_with_progress(
-        lambda **hooks: run_edit(config, out, overwrite=overwrite, **hooks), config.max_steps, on_session=announce
+        lambda **hooks: run_edit(config, out, overwrite=overwrite, **hooks), config.max_steps, on_session=announce,
+        signals=signals,
     )
     print_summary(result, files=[("input", str(result.run_dir / "input.png")),
                                  ("mask", str(result.run_dir / "mask.png"))])
     console.print(f"  Render the subject anywhere: siso render --model {escape(model)} --lora "
                   f"{escape(str(result.run_dir / 'lora'))} --prompt \"a {escape(result.labels['subject'].text)} ...\"")
+    exit_after_signal(result, signals)
 
 
 def _describe_mask(mask) -> str:

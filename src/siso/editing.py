@@ -33,6 +33,7 @@ from .generation import (
     Status,
     _out_of_memory_as_error,
     _quiet,
+    check_similarity_sources,
     load_similarity_loss,
     similarity_sources,
 )
@@ -45,6 +46,7 @@ from .models import ModelCache
 from .optimize import LoopSettings, Optimization, StepEvent
 from .runs import check_run_dir, library_versions, prepare_run_dir
 from .similarity import SimilarityLoss
+from .sources import check_source
 
 PROMPT = "a photo of a {}"
 #: what the run directory holds besides generation's files
@@ -201,6 +203,10 @@ def prepare_edit(config: EditConfig, status: Status = _quiet, cache: ModelCache 
         )
     backbone_class.check_options(config.model, False, config.lora_format)
     config = config.resolved(backbone_class.default_lora_formats)
+    check_similarity_sources(config, cache)
+    for source, flag in ((config.label_model, "--label-model"), (config.detector_model, "--detector-model"),
+                         (config.segmenter_model, "--segmenter-model")):
+        check_source(source, flag)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     with _out_of_memory_as_error(config):
@@ -260,9 +266,9 @@ def start_edit(config: EditConfig, out: str | Path, overwrite: bool = False, sta
                cache: ModelCache | None = None) -> GenerationRun:
     """Check ``out``, prepare the edit (labels, mask, inversion), then create the run directory
     with input.png, mask.png and reconstruction.png (a failed start leaves none)."""
-    check_run_dir(out, overwrite)
+    check_run_dir(out, overwrite, config.input_paths())
     session = prepare_edit(config, status, cache)
-    out_dir = prepare_run_dir(out, overwrite)
+    out_dir = prepare_run_dir(out, overwrite, config.input_paths())
     session.write_inputs(out_dir)
     return GenerationRun(session, out_dir)  # the run-directory bookkeeping is task-agnostic
 

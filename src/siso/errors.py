@@ -1,6 +1,14 @@
-"""The one error type for mistakes a user can fix; the CLI prints it without a traceback."""
+"""The error type for mistakes a user can fix; the CLI prints it without a traceback.
+
+Exit codes a script can trust (the README's "Exit codes"): 0 a usable result; 2 a mistake in the
+input or the environment (this error); 3 a run that produced nothing usable; 4 a benchmark with
+failed items; 130 stopped by Ctrl-C and 143 by SIGTERM (the best so far is saved).
+"""
 
 from __future__ import annotations
+
+EXIT_NO_RESULT = 3
+EXIT_FAILED_ITEMS = 4
 
 
 class SisoError(Exception):
@@ -10,3 +18,9 @@ class SisoError(Exception):
     """
 
     exit_code = 2
+
+
+class NoResultError(SisoError):
+    """A run that finished without anything usable (its first iteration was already NaN)."""
+
+    exit_code = EXIT_NO_RESULT

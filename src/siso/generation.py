@@ -19,13 +19,13 @@ from PIL import Image
 from .backbones import Backbone, render
 from .config import EditConfig, GenerateConfig
 from .devices import dtype_name, resolve_device, resolve_dtype
-from .errors import SisoError
+from .errors import NoResultError, SisoError
 from .images import load_image, pil_to_tensor, tensor_to_pil, working_copy
 from .lora import LoraState, attach_lora, lora_parameter_groups, save_lora, snapshot_lora
 from .models import ModelCache
 from .optimize import LoopSettings, Optimization, StepEvent
 from .runs import RunWriter, check_run_dir, library_versions, prepare_run_dir
-from .similarity import SimilarityLoss
+from .similarity import SIMILARITY_MODELS, SimilarityLoss
 
 Status = Callable[[str], None]
 
@@ -90,6 +90,7 @@ def prepare_generation(config: GenerateConfig, status: Status = _quiet,
     cache = cache or ModelCache()
     config = config.with_ir_resolved()
     subjects = [working_copy(load_image(path, "subject photo")) for path in config.subjects]
+    check_similarity_sources(config, cache)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     with _out_of_memory_as_error(config):
@@ -113,6 +114,14 @@ def prepare_generation(config: GenerateConfig, status: Status = _quiet,
     )
     return GenerationSession(config, backbone, loss, optimization, device, dtype,
                              setup_seconds=time.perf_counter() - started)
+
+
+def check_similarity_sources(config: GenerateConfig | EditConfig, cache: ModelCache) -> None:
+    """The similarity models' sources, checked before the (much larger) backbone loads (those the
+    cache already holds were loaded, so checked, before)."""
+    for name, source in similarity_sources(config).items():
+        if not cache.has_similarity(name, source):
+            SIMILARITY_MODELS[name].check_source(source)
 
 
 def similarity_sources(config: GenerateConfig | EditConfig) -> dict[str, str]:
@@ -187,13 +196,24 @@ class GenerateResult:
 
 class GenerationRun:
     """A prepared session that keeps its run directory up to date: iterate :meth:`steps`, then
-    :meth:`finish`. Iterating ``steps()`` again continues the run (the web app's Continue)."""
+    :meth:`finish`. Iterating ``steps()`` again continues the run (the web app's Continue).
+
+    The best iteration's image and LoRA are on disk from the moment they are found; a run that ends
+    in an error (out of memory, a full disk) keeps them and says so.
+    """
 
     def __init__(self, session: GenerationSession, out_dir: Path) -> None:
         self.session = session
         self.out_dir = out_dir
-        self.writer = RunWriter(out_dir, session.record())
+        self.writer = RunWriter(out_dir, session.record(), save_lora=session.save_lora)
         self.failure: SisoError | None = None
+
+    def _kept(self) -> str:
+        optimization = self.session.optimization
+        if optimization.best_step is None:
+            return f"No iteration finished, so nothing but the record {self.out_dir / 'run.json'} was written."
+        return (f"The best of {len(optimization.history)} iterations (iteration {optimization.best_step}: "
+                f"best.png and lora/) is saved in {self.out_dir}.")
 
     def steps(self, on_step: Callable[[StepEvent], None] | None = None) -> Iterator[StepEvent]:
         optimization = self.session.optimization
@@ -207,23 +227,36 @@ class GenerationRun:
             optimization.stop_reason = "interrupted"
         except torch.OutOfMemoryError as err:
             optimization.stop_reason = "out_of_memory"
-            done = len(optimization.history)
-            saved = (
-                f" The best of {done} iterations so far was saved in {self.out_dir}."
-                if optimization.best_lora is not None
-                else f" No iteration finished, so nothing but the record {self.out_dir / 'run.json'} was written."
+            self.failure = SisoError(out_of_memory_advice(self.session.config) + " " + self._kept())
+            self.failure.__cause__ = err
+        except OSError as err:  # the disk filled up, or the run directory went away
+            optimization.stop_reason = "write_error"
+            self.failure = SisoError(
+                f"Writing the run failed ({_describe_os_error(err)}), so it stopped after iteration "
+                f"{len(optimization.history) - 1}. {self._kept()} Free some space and run again."
             )
-            self.failure = SisoError(out_of_memory_advice(self.session.config) + saved)
             self.failure.__cause__ = err
 
     def finish(self) -> GenerateResult:
-        """Write the LoRA, plot and final run.json; raise the run's error, if it had one."""
+        """Write the plot and the final run.json; raise the run's error, if it had one.
+
+        A run whose first iteration was already NaN has no usable result: :class:`NoResultError`.
+        """
         optimization = self.session.optimization
         if optimization.stop_reason is None:  # the consumer stopped iterating early
             optimization.stop_reason = "interrupted"
-        record = self.writer.finish(
-            optimization, self.session.save_lora, {"setup_seconds": round(self.session.setup_seconds, 3)}
-        )
+        if self.failure is None and optimization.stop_reason == "nan" and optimization.best_step is None:
+            self.failure = NoResultError(nan_advice(self.session.config, self.out_dir))
+        status = "failed" if self.failure is not None else "finished"
+        try:
+            record = self.writer.finish(optimization, {"setup_seconds": round(self.session.setup_seconds, 3)},
+                                        status=status, error=str(self.failure) if self.failure else None)
+        except OSError as err:
+            if self.failure is not None:  # already failing (the disk is full): report the first cause
+                raise self.failure from err
+            optimization.stop_reason = "write_error"
+            raise SisoError(f"Writing the run's final record failed ({_describe_os_error(err)}). "
+                            f"{self._kept()}") from err
         if self.failure is not None:
             raise self.failure
         return GenerateResult(
@@ -237,12 +270,25 @@ class GenerationRun:
         )
 
 
+def _describe_os_error(err: OSError) -> str:
+    where = f" {err.filename}" if err.filename else ""
+    return f"{err.strerror or err.__class__.__name__}{':' if where else ''}{where}"
+
+
+def nan_advice(config: GenerateConfig | EditConfig, out_dir: Path) -> str:
+    hints = ["a lower --lr"]
+    if config.dtype in ("fp16", "auto"):
+        hints.insert(0, "--dtype bf16 or --dtype fp32 (in fp16 some models overflow: SDXL's VAE does)")
+    return (f"The loss was NaN at the first iteration, so there is no usable image or LoRA (the record is "
+            f"{out_dir / 'run.json'}). Try " + ", or ".join(hints) + ".")
+
+
 def start_generation(config: GenerateConfig, out: str | Path, overwrite: bool = False, status: Status = _quiet,
                      cache: ModelCache | None = None) -> GenerationRun:
     """Check ``out``, load the models, then create the run directory (a failed start leaves none)."""
-    check_run_dir(out, overwrite)
+    check_run_dir(out, overwrite, config.input_paths())
     session = prepare_generation(config, status, cache)
-    return GenerationRun(session, prepare_run_dir(out, overwrite))
+    return GenerationRun(session, prepare_run_dir(out, overwrite, config.input_paths()))
 
 
 def run_generation(config: GenerateConfig, out: str | Path, overwrite: bool = False,

@@ -29,6 +29,8 @@ def load_image(path: str | Path, role: str = "subject photo") -> Image.Image:
         raise SisoError(f"The {role} {path} does not exist; check the path.")
     if path.is_dir():
         raise SisoError(f"The {role} {path} is a directory; pass an image file (JPEG, PNG, WebP, ...).")
+    if path.stat().st_size == 0:
+        raise SisoError(f"The {role} {path} is empty (0 bytes); the download or copy may have failed.")
     try:
         with warnings.catch_warnings():
             # PIL only warns between 1x and 2x its pixel limit; treat that as the bomb it is.

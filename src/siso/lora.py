@@ -3,6 +3,7 @@ plain diffusers, ComfyUI and A1111 load."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from .backbones import Backbone
+from .files import FILE_MODE
 from .lora_layouts import canonical_layers, kohya_layers, kohya_metadata, kohya_prefixes
 
 ADAPTER_NAME = "siso"
@@ -130,6 +132,7 @@ def save_lora(backbone: Backbone, state: LoraState, directory: str | Path,
             tensors, metadata = kohya_file(backbone, canonical, resolution)
             save_file(tensors, staging / KOHYA_WEIGHT_NAME, metadata=metadata)
         for file in staging.iterdir():
+            os.chmod(file, FILE_MODE)  # safetensors writes 0600, as mkstemp would
             file.replace(directory / file.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

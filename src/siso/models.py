@@ -31,6 +31,10 @@ class ModelCache:
             self._similarity[key] = load_similarity(name, source, device, dtype)
         return self._similarity[key]
 
+    def has_similarity(self, name: str, source: str) -> bool:
+        """Whether a similarity model from ``source`` is loaded (on any device)."""
+        return any(key[:2] == (name, source) for key in self._similarity)
+
     def add_backbone(self, model: str, device: torch.device, dtype: torch.dtype, backbone: Backbone) -> None:
         """Register an already-built backbone under ``model`` (benchmarks build random-weight ones)."""
         self._backbones[(model, str(device), dtype)] = backbone

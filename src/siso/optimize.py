@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-STOP_REASONS = ("early_stop", "max_steps", "interrupted", "nan", "out_of_memory")
+STOP_REASONS = ("early_stop", "max_steps", "interrupted", "nan", "out_of_memory", "write_error")
 
 
 @dataclass(frozen=True)

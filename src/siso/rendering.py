@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from .backbones import Backbone
 from .config import RenderConfig
@@ -22,11 +23,14 @@ from .files import write_png
 from .images import tensor_to_pil
 from .lora import DIFFUSERS_WEIGHT_NAME, detach_lora
 from .models import ModelCache
+from .runs import check_writable
 
 _adapter_ids = itertools.count()
 
 
 def check_lora_dir(lora: Path) -> None:
+    """The LoRA exists and its file is a readable safetensors file: checked before any model loads,
+    so a damaged file is reported as damaged, not as a LoRA that does not fit the model."""
     if not lora.exists():
         raise SisoError(f"--lora {lora} does not exist; pass the lora/ directory of a siso run.")
     if lora.is_dir() and not (lora / DIFFUSERS_WEIGHT_NAME).is_file():
@@ -34,6 +38,15 @@ def check_lora_dir(lora: Path) -> None:
             f"--lora {lora} has no {DIFFUSERS_WEIGHT_NAME}; pass the lora/ directory of a siso run "
             "(or a diffusers LoRA directory)."
         )
+    file = lora / DIFFUSERS_WEIGHT_NAME if lora.is_dir() else lora
+    try:
+        with safe_open(str(file), "pt") as reader:
+            reader.keys()
+    except Exception as err:  # SafetensorError, OSError: a truncated, empty or foreign file
+        raise SisoError(
+            f"{file} is not a readable safetensors file ({str(err)[:160] or err.__class__.__name__}); it may be "
+            "truncated or corrupt. Use the LoRA of a finished siso run, or run the optimisation again."
+        ) from err
 
 
 def load_lora_file(backbone: Backbone, lora: Path, adapter_name: str | None = None) -> None:
@@ -96,8 +109,12 @@ def render(model: str, prompt: str, lora: str | Path | None = None, out: str | P
     """Render ``prompt`` with ``model`` plus an optional learned LoRA; write ``out`` if given."""
     config = RenderConfig(model=model, prompt=prompt, lora=Path(lora) if lora else None, steps=steps, seed=seed,
                           resolution=resolution, device=device, dtype=dtype, prompt_tokens=prompt_tokens)
-    if out is not None and Path(out).suffix.lower() != ".png":
-        raise SisoError(f"--out {out} must be a .png file path.")
+    if out is not None:
+        if Path(out).suffix.lower() != ".png":
+            raise SisoError(f"--out {out} must be a .png file path.")
+        if Path(out).is_dir():
+            raise SisoError(f"--out {out} is a directory; pass the path of the .png file to write.")
+        check_writable(Path(out))  # before the model loads, not after the render
     backbone = load_render_backbone(config)
     with lora_loaded(backbone, config.lora):
         image = render_with(backbone, config)

@@ -6,15 +6,20 @@ dies still leaves a readable record of what it did.
 
 from __future__ import annotations
 
+import json
+import os
 import platform
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from .errors import SisoError
-from .files import atomic_path, write_json, write_png
+from .files import atomic_path, make_private_dir_public, write_json, write_png
 from .images import tensor_to_pil
 from .optimize import Optimization, StepEvent
 
@@ -31,63 +36,147 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def check_run_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse a non-empty ``out`` unless ``overwrite``; creates nothing (so a failed start leaves no trace)."""
+RUN_RECORD = "run.json"
+
+
+def is_siso_run(directory: Path) -> bool:
+    """Whether ``directory`` holds a siso run: a run.json that siso wrote (it names the task)."""
+    try:
+        record = json.loads((directory / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("task") in ("generate", "edit") and "config" in record
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(out: Path, what: str = "--out") -> None:
+    """Refuse an output place siso could not write, before any model loads: below a file, on a
+    read-only filesystem, or in a directory the user may not write to."""
+    existing = _nearest_existing(out if out.is_dir() else out.parent)
+    if not existing.is_dir():
+        raise SisoError(f"{what} {out} lies inside {existing}, which is a file, not a directory; "
+                        "choose another place.")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".siso-write-test-"):
+            pass  # a real write: os.access says yes on read-only filesystems to root
+    except OSError as err:
+        raise SisoError(f"{what} {out}: siso cannot write in {existing} ({err.strerror or err}); choose a directory "
+                        "you can write to.") from err
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(directory.resolve())
+    except OSError:
+        return False
+
+
+def check_run_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse an output directory siso must not write; creates nothing (a failed start leaves no trace).
+
+    A new or empty directory is fine. A non-empty one only with ``overwrite``, only if it is a siso
+    run (its run.json says so: siso never replaces the user's own files), and only if none of the
+    run's inputs (photos, mask, local models) lies inside it.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SisoError(f"--out {out} is a file; pass a directory for the run's outputs.")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SisoError(
-            f"--out {out} is not empty; choose a new directory or pass --overwrite "
-            "(siso then replaces its own files there and leaves the others alone)."
-        )
+    check_writable(out)
+    if not out.exists() or not any(out.iterdir()):
+        return out
+    if not overwrite:
+        raise SisoError(f"--out {out} is not empty; choose a new directory, or pass --overwrite to replace an earlier "
+                        "siso run there.")
+    if not is_siso_run(out):
+        raise SisoError(f"--out {out} is not empty and is not a siso run (it has no siso {RUN_RECORD}); --overwrite "
+                        "only replaces siso's own run directories. Choose a new directory.")
+    for path in inputs:
+        if path is not None and Path(path).exists() and _inside(Path(path), out):
+            raise SisoError(f"{path} lies inside --out {out}, which --overwrite would replace; copy it elsewhere "
+                            "first, or write the run to another directory.")
     return out
 
 
-def prepare_run_dir(out: str | Path, overwrite: bool) -> Path:
-    """Check, then create ``out`` and ``out/steps``. Never deletes anything."""
-    out = check_run_dir(out, overwrite)
-    (out / "steps").mkdir(parents=True, exist_ok=True)
+def prepare_run_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Check, then create ``out`` with its ``steps/`` folder.
+
+    An earlier run that ``overwrite`` replaces goes whole: a fresh directory is moved into its place
+    and the old one deleted afterwards, so ``out`` is at every moment either the old run or the new
+    one, never a mixture (no stale step images or LoRA files of another subject).
+    """
+    out = check_run_dir(out, overwrite, inputs)
+    if out.exists() and any(out.iterdir()):
+        fresh = make_private_dir_public(Path(tempfile.mkdtemp(prefix=f".{out.name}.siso-new-", dir=out.parent)))
+        (fresh / "steps").mkdir()
+        old = out.parent / f".{out.name}.siso-old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        os.rename(fresh, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        (out / "steps").mkdir(parents=True, exist_ok=True)
     return out
 
 
 class RunWriter:
-    """Consumes the loop's events and keeps the run directory up to date."""
+    """Consumes the loop's events and keeps the run directory up to date.
 
-    def __init__(self, out: Path, record: dict[str, Any]) -> None:
+    Whenever an iteration is the best so far, its LoRA is written together with best.png, so a run
+    killed at any moment (SIGKILL, the OOM killer, a power cut) leaves a LoRA that renders its
+    best.png. run.json's ``lora_step`` names the iteration the saved LoRA belongs to.
+    """
+
+    def __init__(self, out: Path, record: dict[str, Any], save_lora: Callable[[Path], Any] | None = None) -> None:
         self.out = out
-        self.record = {**record, "losses": [], "best_step": None, "stop_reason": None, "status": "running"}
+        self.save_lora = save_lora
+        self.record = {**record, "losses": [], "best_step": None, "lora_step": None, "stop_reason": None,
+                       "status": "running"}
         self.started = time.time()
 
     def on_step(self, event: StepEvent) -> None:
+        # Recorded first: should a write below fail, the final record still has this iteration's losses.
+        self.record["losses"].append({**event.losses, "seconds": round(event.seconds, 4)})
         write_png(tensor_to_pil(event.image), self.out / "steps" / f"{event.step:04d}.png")
         if event.is_best:
-            write_png(tensor_to_pil(event.image), self.out / "best.png")
-        self.record["losses"].append({**event.losses, "seconds": round(event.seconds, 4)})
+            self._save_best(event.image, event.step)
         self.record["best_step"] = event.best_step
         self.record.setdefault("timings", {}).setdefault("seconds_to_first_step", round(time.time() - self.started, 3))
-        write_json(self.record, self.out / "run.json")
+        write_json(self.record, self.out / RUN_RECORD)
 
-    def finish(self, optimization: Optimization, save_lora: Callable[[Path], Any] | None,
-               timings: dict[str, float]) -> dict[str, Any]:
-        """Write the best LoRA, the loss plot and the final run.json."""
-        if optimization.best_lora is not None and save_lora is not None:
-            save_lora(self.out / "lora")
-            self.record["lora"] = "lora"
+    def _save_best(self, image, step: int) -> None:
+        # best.png is renamed into place only after the LoRA is: if either write fails, the pair on
+        # disk stays the previous best's.
+        with atomic_path(self.out / "best.png") as best_png:
+            tensor_to_pil(image).save(best_png, format="PNG")
+            if self.save_lora is not None:
+                self.save_lora(self.out / "lora")
+                self.record["lora"] = "lora"
+                self.record["lora_step"] = step
+
+    def finish(self, optimization: Optimization, timings: dict[str, float], status: str = "finished",
+               error: str | None = None) -> dict[str, Any]:
+        """Write the loss plot and the final run.json (the best LoRA is already on disk)."""
+        if optimization.best_image is not None and self.record["lora_step"] != optimization.best_step:
+            # The best iteration's files were not written with its step (a write failed, or the
+            # consumer skipped on_step): write the pair now.
+            self._save_best(optimization.best_image, optimization.best_step)
         if optimization.history:
             plot_losses(optimization.history, optimization.best_step, self.out / "losses.png")
-        self.record.update(
-            best_step=optimization.best_step,
-            stop_reason=optimization.stop_reason,
-            status="finished",
-        )
+        self.record.update(best_step=optimization.best_step, stop_reason=optimization.stop_reason, status=status)
+        if error is not None:
+            self.record["error"] = error
         steps = len(optimization.history)
         self.record["timings"] = {
             **self.record.get("timings", {}), **timings,
             "optimize_seconds": round(time.time() - self.started, 3),
             "seconds_per_step": round((time.time() - self.started) / steps, 4) if steps else None,
         }
-        write_json(self.record, self.out / "run.json")
+        write_json(self.record, self.out / RUN_RECORD)
         return self.record
 
 

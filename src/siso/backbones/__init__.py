@@ -9,6 +9,7 @@ from diffusers import DiffusionPipeline
 
 from ..errors import SisoError
 from ..hub import read_model_index
+from ..sources import check_source
 from .base import Backbone, Conditioning, render
 from .flux import FluxBackbone
 from .sana import SanaBackbone
@@ -26,6 +27,7 @@ def _supported() -> str:
 
 def read_pipeline_class(model: str) -> str:
     """The ``_class_name`` in the model's model_index.json (a Hub id or a local directory)."""
+    check_source(model, "--model")  # a missing directory is missing, not a failed download
     path = Path(model)
     if path.exists() and not (path / "model_index.json").is_file():
         raise SisoError(

@@ -70,6 +70,7 @@ class BenchItem:
     def from_record(cls, record: dict[str, Any], base: Path = Path("."), where: str = "manifest") -> BenchItem:
         if not isinstance(record, dict):
             raise SisoError(f"{where}: each line must be a JSON object, got {type(record).__name__}.")
+        _check_types(record, where)
         images = record.get("images") or ([record["image"]] if record.get("image") else [])
         if isinstance(images, str):
             images = [images]
@@ -84,7 +85,7 @@ class BenchItem:
         if not isinstance(class_name, str) or not class_name.strip():
             raise SisoError(f'{where}: item {item_id} has no "class" (the subject\'s class name, e.g. "dog").')
         prompts = record.get("prompts") or ()
-        if isinstance(prompts, str) or not all(isinstance(p, str) and p.strip() for p in prompts):
+        if not all(p.strip() for p in prompts):
             raise SisoError(f'{where}: item {item_id}: "prompts" must be a list of non-empty strings.')
         scene = _resolve(base, record["scene"]) if record.get("scene") else None
         mask = _resolve(base, record["mask"]) if record.get("mask") else None
@@ -92,6 +93,24 @@ class BenchItem:
         return cls(id=item_id, class_name=class_name.strip(), images=paths, prompts=tuple(prompts), subject=subject,
                    scene=scene, scene_class=record.get("scene_class"), scene_mask=mask,
                    extra={k: v for k, v in record.items() if k not in known})
+
+
+_TEXT_FIELDS = ("id", "subject", "class", "class_name", "image", "scene", "scene_class", "mask")
+_LIST_FIELDS = ("images", "prompts")
+
+
+def _check_types(record: dict[str, Any], where: str) -> None:
+    """Every known field has its JSON type (a wrong one would otherwise surface as a TypeError later)."""
+    for name in _TEXT_FIELDS:
+        value = record.get(name)
+        if value is not None and not isinstance(value, str):
+            raise SisoError(f'{where}: "{name}" must be a string, got {json.dumps(value)[:60]}.')
+    for name in _LIST_FIELDS:
+        value = record.get(name)
+        if value is None or (name == "images" and isinstance(value, str)):
+            continue
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise SisoError(f'{where}: "{name}" must be a list of strings, got {json.dumps(value)[:60]}.')
 
 
 def _resolve(base: Path, path: str) -> Path:
@@ -104,8 +123,14 @@ def read_manifest(path: str | Path) -> list[BenchItem]:
     if not path.is_file():
         raise SisoError(f"The manifest {path} does not exist; pass a JSONL file (one subject per line) "
                         "or --dreambench PATH.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise SisoError(f"{path}, line {line}: not UTF-8 text (byte {err.object[err.start]:#04x}); save the manifest "
+                        "as UTF-8 JSON Lines.") from err
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -214,7 +239,11 @@ def dreambench_items(path: str | Path) -> list[BenchItem]:
     if not prompts_file.is_file():
         raise SisoError(f"--dreambench {path} has no {DREAMBENCH_FILE}; pass the dataset/ folder of a "
                         "google/dreambooth checkout (git clone https://github.com/google/dreambooth).")
-    parsed = parse_prompts_and_classes(prompts_file.read_text(), str(prompts_file))
+    try:
+        text = prompts_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SisoError(f"{prompts_file} is not UTF-8 text; is it the DreamBooth dataset's file?") from err
+    parsed = parse_prompts_and_classes(text, str(prompts_file))
     items = []
     for subject, class_name in parsed.classes.items():
         folder = dataset / subject

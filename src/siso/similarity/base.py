@@ -57,6 +57,11 @@ class SimilarityModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @classmethod
+    def check_source(cls, source: str) -> None:
+        """Refuse a source that cannot be this model, cheaply and before any model loads (subclasses
+        check what they can without loading weights)."""
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [0, 1] -> (B, D) embeddings, differentiable w.r.t. ``images``."""
         dtype = next(self.parameters()).dtype

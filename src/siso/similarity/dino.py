@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModel, PretrainedConfig
 
 from ..errors import SisoError
+from ..sources import check_source
 from .base import Preprocessing, SimilarityModel
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -27,8 +28,9 @@ class DinoSimilarity(SimilarityModel):
         return self.model(pixel_values=pixel_values).pooler_output
 
     @classmethod
-    def from_pretrained(cls, source: str, device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> DinoSimilarity:
+    def check_source(cls, source: str) -> None:
+        """A local path must exist, and the config (small; downloaded first for a Hub id) must be DINOv2's."""
+        check_source(source, "--dino-model")
         try:
             model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
         except Exception as err:  # hub errors come in many types; the message is what matters
@@ -41,6 +43,11 @@ class DinoSimilarity(SimilarityModel):
             raise SisoError(
                 f"--dino-model {source} is a {model_type} model, not DINOv2; pass e.g. facebook/dinov2-large."
             )
+
+    @classmethod
+    def from_pretrained(cls, source: str, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> DinoSimilarity:
+        cls.check_source(source)
         try:
             model = AutoModel.from_pretrained(source, dtype=dtype)
         except Exception as err:  # hub errors come in many types; the message is what matters

@@ -114,7 +114,7 @@ class SisoIRModel(CLIPVisionModelWithProjection):
 
 
 def _missing_dir_advice(path: Path) -> str:
-    return f"make one with `siso convert-ir CHECKPOINT --out {path}`"
+    return f"make one with `siso convert-ir CHECKPOINT --out {path}` (or `siso convert-ir --download`)"
 
 
 class IRSimilarity(SimilarityModel):
@@ -132,14 +132,15 @@ class IRSimilarity(SimilarityModel):
         return self.model(pixel_values)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> "IRSimilarity":
-        """Load a directory written by ``siso convert-ir`` (local only, safetensors only), frozen."""
-        path = Path(path)
+    def check_source(cls, source: str | Path) -> None:
+        """A directory written by ``siso convert-ir``: both files there, the config siso's own."""
+        path = Path(source)
+        if path.is_file():
+            raise SisoError(
+                f"--ir-model {path} is a file, not an IR model directory. If it is the downloaded checkpoint, "
+                f"convert it once: `siso convert-ir {path}` (then --ir-model auto finds it), or "
+                f"`siso convert-ir {path} --out DIR` and pass --ir-model DIR."
+            )
         if not path.is_dir():
             raise SisoError(f"IR model directory {path} does not exist; {_missing_dir_advice(path)}.")
         missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (path / name).is_file()]
@@ -159,6 +160,23 @@ class IRSimilarity(SimilarityModel):
                 f"{path / CONFIG_FILE} has model_type {model_type!r}, not {SisoIRConfig.model_type!r}, so "
                 f"{path} is not an IR model directory; {_missing_dir_advice(path)}."
             )
-        model = SisoIRModel.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> "IRSimilarity":
+        """Load a directory written by ``siso convert-ir`` (local only, safetensors only), frozen."""
+        path = Path(path)
+        cls.check_source(path)
+        try:
+            model = SisoIRModel.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
+        except Exception as err:  # safetensors and transformers raise several types for a damaged file
+            raise SisoError(
+                f"The IR model in {path} could not be read ({err.__class__.__name__}: {str(err)[:200]}); "
+                f"{WEIGHTS_FILE} may be truncated or corrupt. Convert it again: {_missing_dir_advice(path)}."
+            ) from err
         model = model.to(device).requires_grad_(False).eval()
         return cls(model).eval()
