@@ -33,7 +33,7 @@ _EXPORTS = {
     "BenchItem": "manifest", "read_manifest": "manifest", "write_manifest": "manifest",
     "dreambench_items": "manifest", "parse_prompts_and_classes": "manifest",
     "BenchSettings": "settings",
-    "run_bench": "runner", "BenchReport": "runner", "read_results": "runner",
+    "run_bench": "runner", "BenchReport": "runner", "read_results": "results",
     "summarise": "summary", "write_summary": "summary",
     "ItemWorker": "worker", "ItemOutputs": "worker", "TASK_RUNNERS": "worker",
 }

@@ -19,7 +19,6 @@ recorded as failed; a rerun tries it again.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,12 +30,10 @@ from ..files import write_json
 from ..runs import library_versions
 from .executors import make_executor
 from .manifest import BenchItem, write_manifest
+from .results import RESULT_FILE, RESULTS_FILE, SETTINGS_FILE, append_result, read_results
 from .settings import BenchSettings
 from .worker import check_task
 
-RESULTS_FILE = "results.jsonl"
-SETTINGS_FILE = "bench.json"
-RESULT_FILE = "result.json"
 MAX_ATTEMPTS = 2  # a failed item is retried once
 
 
@@ -69,39 +66,6 @@ class BenchReport:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def read_results(out_dir: Path) -> list[dict[str, Any]]:
-    """The records in results.jsonl; a line cut short by a killed run is ignored."""
-    path = Path(out_dir) / RESULTS_FILE
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "id" in record:
-            records.append(record)
-    return records
-
-
-def latest_results(out_dir: Path) -> dict[str, dict[str, Any]]:
-    """The last record of each item (a rerun may have retried a failed one)."""
-    latest: dict[str, dict[str, Any]] = {}
-    for record in read_results(out_dir):
-        latest.pop(record["id"], None)
-        latest[record["id"]] = record
-    return latest
-
-
-def _append_result(out_dir: Path, record: dict[str, Any]) -> None:
-    path = out_dir / RESULTS_FILE
-    with path.open("a") as handle:
-        handle.write(json.dumps(record, default=str) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def _read_result_file(path: Path) -> dict[str, Any] | None:
     try:
         record = json.loads(path.read_text())
@@ -130,7 +94,7 @@ def _reconcile(out_dir: Path) -> None:
         for folder in sorted(items_dir.iterdir()):
             record = _read_result_file(folder / RESULT_FILE)
             if record and record.get("status") == "done" and record.get("id") not in listed:
-                _append_result(out_dir, record)
+                append_result(out_dir, record)
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -238,7 +202,7 @@ def run_bench(items: Sequence[BenchItem], settings: BenchSettings, out: str | Pa
                 }
                 record["attempts"] = attempts[item.id]
                 write_json(record, out_dir / "items" / item.id / RESULT_FILE)
-                _append_result(out_dir, record)
+                append_result(out_dir, record)
                 (report.done if record["status"] == "done" else report.failed).append(item.id)
                 progress.item_done(record)
         finally:

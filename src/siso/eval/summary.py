@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_path
+from .results import SETTINGS_FILE, latest_results
 from .worker import FEATURES_FILE, PER_IMAGE_METRICS
 
 LABELS = {"dino": "DINO", "ir": "IR", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "diversity": "Diversity (MSE)",
@@ -116,7 +117,6 @@ def _set_metrics(out_dir: Path, records: Sequence[dict], methods: Sequence[str],
 
 
 def summarise(out_dir: str | Path) -> dict[str, Any]:
-    from .runner import SETTINGS_FILE, latest_results
 
     out_dir = Path(out_dir)
     try:
