@@ -53,7 +53,7 @@ LOW_MEMORY = Setting("low-memory (default + checkpointed denoiser and VAE decode
 
 
 def build_pipeline(backbone: str, tiny: bool, device: torch.device, dtype: torch.dtype):
-    import tiny_models
+    import tiny
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
@@ -64,31 +64,31 @@ def build_pipeline(backbone: str, tiny: bool, device: torch.device, dtype: torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if tiny:
-        pipe = tiny_models.sd_pipeline() if backbone == "sd-turbo" else tiny_models.sdxl_pipeline()
+        pipe = tiny.diffusion.sd_pipeline() if backbone == "sd-turbo" else tiny.diffusion.sdxl_pipeline()
         return pipe.to(device=device, dtype=dtype)
     configs = json.loads((HERE / "configs" / f"{backbone}.json").read_text())
     with torch.device(device):  # allocate (and randomly initialise) directly on the GPU
         unet = UNet2DConditionModel.from_config(configs["unet"]).to(dtype)
         vae = AutoencoderKL.from_config(configs["vae"]).to(dtype)
         text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).to(dtype)
-        parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_models.clip_tokenizer(),
+        parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny.diffusion.clip_tokenizer(),
                      scheduler=EulerDiscreteScheduler.from_config(configs["scheduler"]))
         if backbone == "sd-turbo":
             return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])).to(dtype)
         return StableDiffusionXLPipeline(**parts, text_encoder_2=text_encoder_2,
-                                         tokenizer_2=tiny_models.clip_tokenizer(), add_watermarker=False)
+                                         tokenizer_2=tiny.diffusion.clip_tokenizer(), add_watermarker=False)
 
 
 def build_similarity(tiny: bool, device: torch.device, dtype: torch.dtype):
-    import tiny_models
+    import tiny
     from transformers import Dinov2Config, Dinov2Model
 
     from siso.similarity.ir import SisoIRConfig, SisoIRModel
 
     if tiny:
-        dino_model = tiny_models.dino_model()
+        dino_model = tiny.similarity.dino_model()
         ir_config = SisoIRConfig(hidden_size=32, intermediate_size=64, projection_dim=24, num_hidden_layers=2,
                                  num_attention_heads=2, image_size=38, embedding_dim=16)
     else:

@@ -13,13 +13,12 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import synthetic_photos  # noqa: E402
-import tiny_models  # noqa: E402
+import tiny  # noqa: E402
 import torch  # noqa: E402
 
 # The real DreamBooth dataset (CC-BY 4.0, never committed), for the few tests that are about that data:
 # SISO_DREAMBENCH (the dataset/ folder of a google/dreambooth checkout), else the project's shared folder
-# beside the checkout. Every other test uses the synthetic photos of synthetic_photos.py.
+# beside the checkout. Every other test uses the synthetic photos of tiny.photos.py.
 _SHARED_DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench" / "dataset"
 REAL_DREAMBENCH = Path(os.environ.get("SISO_DREAMBENCH") or _SHARED_DREAMBENCH)
 RESOLUTION = 32  # tiny models: 32 px images, 16 px latents
@@ -27,12 +26,12 @@ RESOLUTION = 32  # tiny models: 32 px images, 16 px latents
 
 @pytest.fixture(scope="session")
 def sd_dir(tmp_path_factory) -> Path:
-    return tiny_models.save(tiny_models.sd_pipeline(), tmp_path_factory.mktemp("tiny-sd"))
+    return tiny.diffusion.save(tiny.diffusion.sd_pipeline(), tmp_path_factory.mktemp("tiny-sd"))
 
 
 @pytest.fixture(scope="session")
 def sdxl_dir(tmp_path_factory) -> Path:
-    return tiny_models.save(tiny_models.sdxl_pipeline(), tmp_path_factory.mktemp("tiny-sdxl"))
+    return tiny.diffusion.save(tiny.diffusion.sdxl_pipeline(), tmp_path_factory.mktemp("tiny-sdxl"))
 
 
 @pytest.fixture(scope="session", params=["sd", "sdxl"])
@@ -41,19 +40,41 @@ def model_dir(request, sd_dir, sdxl_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def flux_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-flux")
+    tiny.transformer.flux_pipeline().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def flux_dev_dir(tmp_path_factory):
+    """FLUX.1-dev's structure: a guidance embedding and sigmas shifted by the image's token count."""
+    directory = tmp_path_factory.mktemp("tiny-flux-dev")
+    tiny.transformer.flux_pipeline(guidance_embeds=True, dynamic_shifting=True).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def sana_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-sana")
+    tiny.transformer.sana_pipeline().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def dino_dir(tmp_path_factory) -> Path:
-    return tiny_models.save(tiny_models.dino_model(), tmp_path_factory.mktemp("tiny-dino"))
+    return tiny.diffusion.save(tiny.similarity.dino_model(), tmp_path_factory.mktemp("tiny-dino"))
 
 
 @pytest.fixture(scope="session")
 def ir_dir(tmp_path_factory) -> Path:
-    return tiny_models.ir_dir(tmp_path_factory.mktemp("tiny-ir"))
+    return tiny.similarity.ir_dir(tmp_path_factory.mktemp("tiny-ir"))
 
 
 @pytest.fixture(scope="session")
 def dreambench(tmp_path_factory) -> Path:
     """A synthetic DreamBooth ``dataset/`` folder: dog (2 photos), cat (a scene), teapot, prompts_and_classes.txt."""
-    return synthetic_photos.write_dreambench(tmp_path_factory.mktemp("dreambench"))
+    return tiny.photos.write_dreambench(tmp_path_factory.mktemp("dreambench"))
 
 
 @pytest.fixture(scope="session")

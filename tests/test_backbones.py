@@ -7,27 +7,13 @@ import json
 import pytest
 import torch
 from conftest import RESOLUTION
-from diffusers import DiffusionPipeline
+from helpers import PROMPT, plain_render
 
 from siso.backbones import load_backbone, render
 from siso.errors import SisoError
 from siso.lora import attach_lora
 
-PROMPT = "a photo of a dog"
 CPU = torch.device("cpu")
-
-
-def plain_pipeline_image(model_dir, steps: int, seed: int = 42, lora_dir=None) -> torch.Tensor:
-    """What an ordinary diffusers user gets, loaded independently of siso."""
-    pipe = DiffusionPipeline.from_pretrained(model_dir)
-    pipe.set_progress_bar_config(disable=True)
-    if lora_dir is not None:
-        pipe.load_lora_weights(lora_dir)
-    with torch.no_grad():
-        return pipe(
-            PROMPT, num_inference_steps=steps, guidance_scale=0.0, height=RESOLUTION, width=RESOLUTION,
-            generator=torch.Generator("cpu").manual_seed(seed), output_type="pt",
-        ).images
 
 
 @pytest.mark.parametrize("steps,grad_steps", [(1, 1), (3, 2)])
@@ -37,11 +23,11 @@ def test_zero_lora_render_equals_plain_pipeline(model_dir, steps, grad_steps):
     cond = backbone.encode_prompt(PROMPT, RESOLUTION)
     ours = render(backbone, cond, seed=42, resolution=RESOLUTION, num_steps=steps, grad_steps=grad_steps)
     assert ours.requires_grad
-    reference = plain_pipeline_image(model_dir, steps)
+    reference = plain_render(model_dir, steps)
     assert ours.shape == reference.shape == (1, 3, RESOLUTION, RESOLUTION)
     assert (ours.detach() - reference).abs().max().item() <= 1e-5
     # A different seed is a different image: the comparison above is not vacuous.
-    other = plain_pipeline_image(model_dir, steps, seed=7)
+    other = plain_render(model_dir, steps, seed=7)
     assert (other - reference).abs().max().item() > 1e-2
 
 

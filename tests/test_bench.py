@@ -17,7 +17,7 @@ from conftest import RESOLUTION
 
 pytest.importorskip("torchmetrics")
 
-from test_eval_metrics import tiny_clip_dir, tiny_grounding_dino_dir  # noqa: E402
+import tiny  # noqa: E402
 
 from siso.errors import SisoError  # noqa: E402
 from siso.eval import runner as runner_module  # noqa: E402
@@ -36,7 +36,8 @@ SUBJECTS = {"dog": ("dog", ["a dog in the jungle", "a dog on the beach"]),
 @pytest.fixture(scope="module")
 def eval_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bench-models")
-    return {"clip": tiny_clip_dir(root / "clip"), "detector": tiny_grounding_dino_dir(root / "detector")}
+    return {"clip": tiny.metrics.clip_dir(root / "clip"),
+            "detector": tiny.metrics.grounding_dino_dir(root / "detector")}
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,11 @@ import json
 
 import numpy as np
 import pytest
-import tiny_editing
+import tiny
 import torch
 from conftest import RESOLUTION
 from diffusers import DiffusionPipeline
+from helpers import Captured
 from PIL import Image
 
 from siso.config import EditConfig, GenerateConfig
@@ -51,17 +52,17 @@ def labeller_dir(tmp_path_factory, subject_photo, scene_photo):
 
     planted = {"dog": working_copy(load_image(subject_photo)),
                "cat": square_crop(load_image(scene_photo), RESOLUTION)}
-    return tiny_editing.clip_dir(tmp_path_factory.mktemp("tiny-clip"), planted)
+    return tiny.editing.clip_dir(tmp_path_factory.mktemp("tiny-clip"), planted)
 
 
 @pytest.fixture(scope="session")
 def detector_dir(tmp_path_factory):
-    return tiny_editing.grounding_dino_dir(tmp_path_factory.mktemp("tiny-grounding-dino"))
+    return tiny.editing.grounding_dino_dir(tmp_path_factory.mktemp("tiny-grounding-dino"))
 
 
 @pytest.fixture(scope="session")
 def segmenter_dir(tmp_path_factory):
-    return tiny_editing.sam_dir(tmp_path_factory.mktemp("tiny-sam"))
+    return tiny.editing.sam_dir(tmp_path_factory.mktemp("tiny-sam"))
 
 
 def edit_config(photos, model_dir, dino_dir, **options) -> EditConfig:
@@ -69,18 +70,6 @@ def edit_config(photos, model_dir, dino_dir, **options) -> EditConfig:
                   device="cpu", max_steps=3, learning_rate=5e-3)
     values.update(options)
     return EditConfig(**values)
-
-
-class Captured:
-    def __init__(self):
-        self.session = None
-        self.events = []
-
-    def on_session(self, session):
-        self.session = session
-
-    def on_step(self, event):
-        self.events.append(event)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import types
 from pathlib import Path
 
 import pytest
-import tiny_transformers
 import torch
 from conftest import RESOLUTION
 
@@ -45,20 +44,6 @@ BEHAVIOUR_TESTS = {
     "edit.inversion_latents": ("test_inversion.py", "test_inverse_step_undoes_step"),
     "edit.ancestral_noise": ("test_editing.py", "test_sdxl_edit_inverts_with_euler_ancestral"),
 }
-
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-flux")
-    tiny_transformers.flux_pipeline().save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def sana_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-sana")
-    tiny_transformers.sana_pipeline().save_pretrained(directory)
-    return directory
 
 
 def fidelity_rows() -> dict[str, object]:

@@ -4,7 +4,7 @@ and it is measured (not assumed) to invert better than plain inversion."""
 from __future__ import annotations
 
 import pytest
-import tiny_editing
+import tiny
 import torch
 from conftest import RESOLUTION
 from PIL import Image
@@ -37,7 +37,7 @@ def scene(scene_photo) -> Image.Image:
 
 @pytest.fixture(scope="session")
 def unit_sd_dir(tmp_path_factory, scene):
-    return tiny_editing.unit_latent_sd_dir(tmp_path_factory.mktemp("tiny-sd-unit"), scene)
+    return tiny.editing.unit_latent_sd_dir(tmp_path_factory.mktemp("tiny-sd-unit"), scene)
 
 
 @pytest.fixture(scope="session")

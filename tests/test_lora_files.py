@@ -63,7 +63,7 @@ import re
 from pathlib import Path
 
 import pytest
-import tiny_models
+import tiny
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -113,7 +113,7 @@ def meta_backbone(name: str) -> Backbone:
             unet = UNet2DConditionModel.from_config(configs["unet"])
         if name == "sdxl-turbo":
             text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))
-    tokenizer = tiny_models.clip_tokenizer()  # tokenizers hold no LoRA; any CLIP tokenizer does
+    tokenizer = tiny.diffusion.clip_tokenizer()  # tokenizers hold no LoRA; any CLIP tokenizer does
     if name == "flux-schnell":  # T5 carries no LoRA in siso, so it is left out
         pipeline = FluxPipeline(
             scheduler=FlowMatchEulerDiscreteScheduler.from_config(configs["scheduler"]), vae=vae,

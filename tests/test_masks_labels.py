@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tiny_editing
+import tiny
 import torch
 from conftest import RESOLUTION
 from PIL import Image
@@ -39,18 +39,18 @@ def cat_scene(scene_photo) -> Image.Image:
 
 @pytest.fixture(scope="session")
 def detector_dir(tmp_path_factory):
-    return tiny_editing.grounding_dino_dir(tmp_path_factory.mktemp("tiny-grounding-dino"))
+    return tiny.editing.grounding_dino_dir(tmp_path_factory.mktemp("tiny-grounding-dino"))
 
 
 @pytest.fixture(scope="session")
 def segmenter_dir(tmp_path_factory):
-    return tiny_editing.sam_dir(tmp_path_factory.mktemp("tiny-sam"))
+    return tiny.editing.sam_dir(tmp_path_factory.mktemp("tiny-sam"))
 
 
 @pytest.fixture(scope="session")
 def labeller_dir(tmp_path_factory, dog_photo, teapot_photo, cat_scene):
     planted = {"dog": dog_photo, "teapot": teapot_photo, "cat": cat_scene}
-    return tiny_editing.clip_dir(tmp_path_factory.mktemp("tiny-clip"), planted)
+    return tiny.editing.clip_dir(tmp_path_factory.mktemp("tiny-clip"), planted)
 
 
 @pytest.fixture(scope="session")

@@ -19,12 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import RESOLUTION
-from diffusers import DiffusionPipeline
+from helpers import PROMPT, plain_render
 from PIL import Image
 
 from siso.images import pil_to_tensor
-
-PROMPT = "a photo of a dog"
 
 
 def generate_args(model_dir, dino_dir, subject, out, *extra):
@@ -32,19 +30,9 @@ def generate_args(model_dir, dino_dir, subject, out, *extra):
             "--dino-model", str(dino_dir), "--resolution", str(RESOLUTION), "--device", "cpu", "--lr", "5e-3", *extra]
 
 
-def plain_render(model_dir, lora_dir) -> torch.Tensor:
-    """What plain diffusers renders with the run's LoRA, one step (the optimisation's own sampling)."""
-    pipe = DiffusionPipeline.from_pretrained(model_dir)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(lora_dir)
-    with torch.no_grad():
-        return pipe(PROMPT, num_inference_steps=1, guidance_scale=0.0, height=RESOLUTION, width=RESOLUTION,
-                    generator=torch.Generator("cpu").manual_seed(42), output_type="pt").images
-
-
 def assert_lora_renders_best_png(model_dir, out: Path) -> None:
     """best.png is the PNG of what plain diffusers renders with lora/: the pair on disk belongs together."""
-    image = plain_render(model_dir, out / "lora")
+    image = plain_render(model_dir, lora_dir=out / "lora")
     best = pil_to_tensor(Image.open(out / "best.png"))
     assert (image - best).abs().max().item() <= 0.5 / 255 + 1e-6  # PNG rounding only
 

@@ -1,7 +1,7 @@
 """The real DreamBooth photos (CC-BY 4.0, never committed) through siso: every one loads, and a
 generation and an edit run end to end on them with the tiny models.
 
-Every other test makes its own photos (synthetic_photos.py). These need the dataset: they run where
+Every other test makes its own photos (tests/tiny/photos.py). These need the dataset: they run where
 it is found (SISO_DREAMBENCH, or the project's shared folder beside the checkout) and are skipped,
 saying why, where it is not; CI sets SISO_REQUIRE_DREAMBENCH=1, which turns the skip into a failure.
 """

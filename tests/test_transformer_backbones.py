@@ -11,75 +11,24 @@ from __future__ import annotations
 import json
 
 import pytest
-import tiny_transformers
 import torch
 from conftest import RESOLUTION
-from diffusers import DiffusionPipeline
+from helpers import PROMPT, Captured, assert_planted_subject_recovered, plain_render, tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 
-from siso.backbones import backbone_class_for, load_backbone, render
-from siso.config import GenerateConfig
+from siso.backbones import load_backbone, render
 from siso.errors import SisoError
-from siso.files import write_png
 from siso.generation import prepare_generation, run_generation
-from siso.images import pil_to_tensor, tensor_to_pil
+from siso.images import pil_to_tensor
 from siso.lora import attach_lora, detach_lora, save_lora, snapshot_lora
 
-PROMPT = "a photo of a dog"
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="session")
-def flux_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-flux")
-    tiny_transformers.flux_pipeline().save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="session")
-def flux_dev_dir(tmp_path_factory):
-    """FLUX.1-dev's structure: a guidance embedding and sigmas shifted by the image's token count."""
-    directory = tmp_path_factory.mktemp("tiny-flux-dev")
-    tiny_transformers.flux_pipeline(guidance_embeds=True, dynamic_shifting=True).save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="session")
-def sana_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-sana")
-    tiny_transformers.sana_pipeline().save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="session")
 def transformer_dirs(flux_dir, flux_dev_dir, sana_dir):
     return {"flux": flux_dir, "flux-dev": flux_dev_dir, "sana": sana_dir}
-
-
-def plain_image(model_dir, steps: int, seed: int = 42, lora_dir=None) -> torch.Tensor:
-    """What an ordinary diffusers user gets, loaded independently of siso, with the backbone's
-    guidance (0 for FLUX.1-schnell, 4.5 for Sana)."""
-    pipe = DiffusionPipeline.from_pretrained(model_dir)
-    pipe.set_progress_bar_config(disable=True)
-    if lora_dir is not None:
-        pipe.load_lora_weights(lora_dir)
-    backbone_class = backbone_class_for(str(model_dir))
-    with torch.no_grad():
-        return pipe(
-            PROMPT, num_inference_steps=steps, guidance_scale=backbone_class.preset.guidance_scale,
-            height=RESOLUTION, width=RESOLUTION, generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="pt", **backbone_class.optimisation_pipeline_kwargs(),
-        ).images
-
-
-def tiny_config(model_dir, subject, dino_dir, **overrides) -> GenerateConfig:
-    options = dict(
-        subjects=(subject,), prompt=PROMPT, model=str(model_dir), dino_model=str(dino_dir), resolution=RESOLUTION,
-        device="cpu", max_steps=5, learning_rate=5e-3,
-    )
-    options.update(overrides)
-    return GenerateConfig(**options)
 
 
 # -- the adapters ------------------------------------------------------------------------------
@@ -127,11 +76,11 @@ def test_zero_lora_render_equals_plain_pipeline(transformer_dirs, name, steps, g
     cond = backbone.encode_prompt(PROMPT, RESOLUTION)
     ours = render(backbone, cond, seed=42, resolution=RESOLUTION, num_steps=steps, grad_steps=grad_steps)
     assert ours.requires_grad
-    reference = plain_image(model_dir, steps)
+    reference = plain_render(model_dir, steps)
     assert ours.shape == reference.shape == (1, 3, RESOLUTION, RESOLUTION)
     assert (ours.detach() - reference).abs().max().item() <= 1e-5
     if steps <= 5:  # the comparison above is not vacuous (checked where it is cheap)
-        other = plain_image(model_dir, steps, seed=7)
+        other = plain_render(model_dir, steps, seed=7)
         assert (other - reference).abs().max().item() > 1e-2
 
 
@@ -239,14 +188,6 @@ def test_frozen_text_encoders_leave_the_gpu_and_t5_runs_once(flux_dir, sana_dir,
 # -- the loop end to end ---------------------------------------------------------------------------
 
 
-class Captured:
-    def __init__(self):
-        self.session = None
-
-    def on_session(self, session):
-        self.session = session
-
-
 # FLUX with the CLIP text-encoder LoRA (as the reference runs it); Sana with guidance, 6 steps, 3 differentiated.
 RUNS = {
     "flux": dict(train_text_encoder=True, max_steps=4),
@@ -278,8 +219,8 @@ def test_lora_round_trip_through_plain_diffusers(finished_run):
     best = session.optimization.best_image
     assert result.best_step > 0, "the LoRA must have moved for this test to mean something"
     steps = session.config.denoise_steps
-    assert (plain_image(model_dir, steps) - best).abs().max().item() > 1e-3
-    again = plain_image(model_dir, steps, lora_dir=result.lora_dir)
+    assert (plain_render(model_dir, steps) - best).abs().max().item() > 1e-3
+    again = plain_render(model_dir, steps, lora_dir=result.lora_dir)
     assert (again - best).abs().max().item() <= 1e-5
 
 
@@ -290,23 +231,7 @@ def test_planted_subject_is_recovered(name, flux_dir, sana_dir, dino_dir, ir_dir
     options = dict(ir_model=str(ir_dir), max_steps=20, learning_rate=2e-2, early_stop_patience=20)
     if name == "sana":
         options.update(denoise_steps=4, grad_steps=2)
-    hidden = prepare_generation(tiny_config(model_dir, subject_photo, dino_dir, **options))
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(123)
-        for p in hidden.optimization.parameters:
-            p.copy_(torch.randn(p.shape, generator=gen))
-        planted = hidden.optimization.render()
-        untouched = prepare_generation(tiny_config(model_dir, subject_photo, dino_dir, **options)).optimization.render()
-    target = tmp_path / "planted.png"
-    write_png(tensor_to_pil(planted).resize((128, 128), Image.Resampling.NEAREST), target)
-
-    result = run_generation(tiny_config(model_dir, target, dino_dir, **options), tmp_path / "run")
-    totals = [h["total"] for h in result.history]
-    start, best = totals[0], min(totals)
-    assert start > 1e-3, "the planted subject must differ from the untouched model's image"
-    assert best < 0.2 * start, f"similarity gap closed only from {start:.5f} to {best:.5f}"
-    best_image = pil_to_tensor(result.image)
-    assert ((best_image - planted) ** 2).mean() < 0.8 * ((untouched - planted) ** 2).mean()
+    assert_planted_subject_recovered(tiny_config(model_dir, subject_photo, dino_dir, **options), tmp_path)
 
 
 # -- refusals ------------------------------------------------------------------------------------
@@ -373,7 +298,7 @@ def test_cli_render_with_sana_uses_guidance_and_the_requested_size(run_siso, mon
                          "--out", str(out), "--steps", "3", "--resolution", str(RESOLUTION), "--device", "cpu")
     assert code == 0, text
     rendered = pil_to_tensor(Image.open(out))
-    expected = plain_image(sana_dir, 3)  # guidance 4.5, no aspect-ratio binning
+    expected = plain_render(sana_dir, 3)  # guidance 4.5, no aspect-ratio binning
     assert rendered.shape == expected.shape and (rendered - expected).abs().max().item() <= 1 / 255 + 1e-6
 
 

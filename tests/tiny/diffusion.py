@@ -1,4 +1,4 @@
-"""Tiny random-weight models in the real on-disk layouts, built the way diffusers' tests build theirs.
+"""Tiny SD and SDXL pipelines in the real on-disk layouts, built the way diffusers' tests build theirs.
 
 Each component is created from a config after ``torch.manual_seed(0)`` and written with
 ``save_pretrained``, so siso loads them through exactly the code path it uses for Hub models.
@@ -21,8 +21,6 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
-    Dinov2Config,
-    Dinov2Model,
 )
 
 # Single characters (and their end-of-word forms) are a complete CLIP BPE vocabulary with no merges.
@@ -99,28 +97,6 @@ def sdxl_pipeline() -> StableDiffusionXLPipeline:
     )
 
 
-def dino_model() -> Dinov2Model:
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=28,
-        patch_size=7, layerscale_value=1.0,
-    )
-    return Dinov2Model(config)
-
-
 def save(model, directory: Path) -> Path:
     model.save_pretrained(directory)
-    return directory
-
-
-def ir_dir(directory: Path) -> Path:
-    """A tiny IR tower (overlapping patches, stride 12) in the layout `siso convert-ir` writes."""
-    from siso.similarity.ir import SisoIRConfig, SisoIRModel
-
-    torch.manual_seed(0)
-    config = SisoIRConfig(
-        hidden_size=32, intermediate_size=64, projection_dim=24, num_hidden_layers=2, num_attention_heads=2,
-        image_size=38, patch_size=14, patch_stride=12, embedding_dim=16,
-    )
-    SisoIRModel(config).save_pretrained(directory)
     return directory

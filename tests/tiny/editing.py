@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import tiny_models
 import torch
 from PIL import Image
 from transformers import (
@@ -33,6 +32,8 @@ from transformers import (
     SamVisionConfig,
     SwinConfig,
 )
+
+from . import diffusion
 
 # Grounding DINO's text side: "a {class}." for the classes the tests use, plus BERT's specials.
 WORDS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "photo", "of", "dog", "cat", "teapot",
@@ -112,7 +113,7 @@ def sam_dir(directory: Path) -> Path:
 
 def clip_processor() -> CLIPProcessor:
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return CLIPProcessor(image_processor=image_processor, tokenizer=tiny_models.clip_tokenizer())
+    return CLIPProcessor(image_processor=image_processor, tokenizer=diffusion.clip_tokenizer())
 
 
 def clip_dir(directory: Path, agree: dict[str, Image.Image] | None = None) -> Path:
@@ -122,7 +123,7 @@ def clip_dir(directory: Path, agree: dict[str, Image.Image] | None = None) -> Pa
     The two towers of a random CLIP agree on nothing; here the image of each chosen photo lands on
     its word's text direction, so zero-shot labelling has a known right answer.
     """
-    tokenizer = tiny_models.clip_tokenizer()
+    tokenizer = diffusion.clip_tokenizer()
     torch.manual_seed(0)
     config = CLIPConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
@@ -158,8 +159,8 @@ def unit_latent_sd_dir(directory: Path, photo: Image.Image) -> Path:
     """
     from siso.images import pil_to_tensor
 
-    pipe = tiny_models.sd_pipeline()
+    pipe = diffusion.sd_pipeline()
     with torch.no_grad():
         latents = pipe.vae.encode(pil_to_tensor(photo) * 2 - 1).latent_dist.mode()
     pipe.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    return tiny_models.save(pipe, directory)
+    return diffusion.save(pipe, directory)

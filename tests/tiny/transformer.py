@@ -23,7 +23,6 @@ from diffusers import (
     SanaPipeline,
     SanaTransformer2DModel,
 )
-from tiny_models import _text_config, clip_tokenizer
 from transformers import (
     CLIPTextModel,
     Gemma2Config,
@@ -33,6 +32,8 @@ from transformers import (
     T5EncoderModel,
     T5Tokenizer,
 )
+
+from .diffusion import _text_config, clip_tokenizer
 
 # Every printable ASCII character but whitespace: Sana's default "complex human instruction"
 # prompt uses punctuation such as ':' and '>'.
