@@ -52,6 +52,8 @@ class AppSettings:
     device: str = "auto"
     runs_dir: Path = Path("siso-runs")
     max_upload_mb: int = 25
+    #: --compile; None: on for CUDA GPUs (the models stay loaded, so one compile serves every run)
+    compile: bool | None = None
 
 
 @dataclass
@@ -93,6 +95,7 @@ class SisoApp:
                 max_steps=int(max_steps), learning_rate=float(learning_rate) if learning_rate else None,
                 early_stop_patience=int(patience) if patience else None,
                 dino_model=self.settings.dino_model, ir_model=self.settings.ir_model, device=self.settings.device,
+                compile=self.settings.compile,
             )
             with session.lock:
                 session.run = start_generation(config, self.new_run_dir("generate"), cache=self.cache)
@@ -153,7 +156,7 @@ class SisoApp:
                 mask=Path(_path_of(mask)) if mask else None, model=(model or "").strip() or self.settings.edit_model,
                 seed=int(seed), resolution=self.settings.resolution, max_steps=int(max_steps),
                 bg_weight=float(bg_weight), dino_model=self.settings.dino_model, ir_model=self.settings.ir_model,
-                device=self.settings.device,
+                device=self.settings.device, compile=self.settings.compile,
             )
             with session.lock:
                 session.run = start_edit(config, self.new_run_dir("edit"), cache=self.cache)
