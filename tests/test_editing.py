@@ -274,3 +274,23 @@ def test_editing_refuses_a_transformer_backbone(refuse, tmp_path):
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
                                                          "_diffusers_version": "0.42.1"}))
     refuse("Editing runs on Stable Diffusion and SDXL", "FluxPipeline", "stabilityai/sd-turbo", model=folder)
+
+
+def test_an_edit_takes_the_speed_settings(photos, sd_dir, dino_dir, planted_mask):
+    """--low-memory and --compile reach the edit's loop and its record; the inversion before them is unaffected
+    (nothing is compiled until the loop's first render, so this compiles nothing)."""
+    from siso import speed
+    from siso.editing import prepare_edit
+
+    config = edit_config(photos, sd_dir, dino_dir, subject_class="dog", input_class="cat", mask=planted_mask)
+    plain = prepare_edit(config)
+    assert plain.memory.tier == "plain" and not plain.compiled.enabled
+    session = prepare_edit(edit_config(photos, sd_dir, dino_dir, subject_class="dog", input_class="cat",
+                                       mask=planted_mask, low_memory=True, compile=True))
+    assert session.memory.tier == "checkpoint-all" and session.backbone.denoiser.is_gradient_checkpointing
+    assert session.compiled.enabled and session.compiled.modules == ("denoiser", "vae_decoder", "dino")
+    modules = speed.iteration_modules(session.backbone, session.loss.similarity)
+    assert all(speed.is_compiled(m) for m in modules.values())
+    record = session.record()
+    assert record["memory"]["reason"] == "--low-memory" and record["compile"]["enabled"] is True
+    assert torch.equal(session.reconstruction, plain.reconstruction)

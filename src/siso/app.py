@@ -54,6 +54,8 @@ class AppSettings:
     device: str = "auto"
     runs_dir: Path = Path("siso-runs")
     max_upload_mb: int = 25
+    #: --compile; None: on for CUDA GPUs (the models stay loaded, so one compile serves every run)
+    compile: bool | None = None
     #: one job may not hold the only GPU queue for ever: at most this many iterations (Continue
     #: included) and this long per Start or Continue
     max_job_steps: int = 200
@@ -126,6 +128,7 @@ class SisoApp:
                 learning_rate=float(learning_rate) if learning_rate else None,
                 early_stop_patience=int(patience) if patience else None,
                 dino_model=self.settings.dino_model, ir_model=self.settings.ir_model, device=self.settings.device,
+                compile=self.settings.compile,
             )
             with session.lock:
                 session.run = start_generation(config, self.new_run_dir("generate"), cache=self.cache)
@@ -198,7 +201,7 @@ class SisoApp:
                 seed=int(seed), resolution=self.settings.resolution,
                 max_steps=self.settings.check_steps(int(max_steps)),
                 bg_weight=float(bg_weight), dino_model=self.settings.dino_model, ir_model=self.settings.ir_model,
-                device=self.settings.device,
+                device=self.settings.device, compile=self.settings.compile,
             )
             with session.lock:
                 session.run = start_edit(config, self.new_run_dir("edit"), cache=self.cache)

@@ -61,6 +61,13 @@ def bench(
     seed: Annotated[int, typer.Option(help="Seed for optimisation and every render.")] = 42,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
+    compile: Annotated[bool | None, typer.Option(
+        "--compile/--no-compile",
+        help="torch.compile the models (default: on for CUDA GPUs): each worker keeps its models loaded, so the "
+             "first item's compile (cached on disk) pays back over the others.")] = None,
+    low_memory: Annotated[bool | None, typer.Option(
+        "--low-memory/--no-low-memory",
+        help="Gradient checkpointing (exact): on, off, or (default) chosen from the GPU's free memory.")] = None,
 ) -> None:
     """Benchmark SISO on a manifest of subjects: optimise, render every prompt, score, summarise.
 
@@ -87,8 +94,12 @@ def bench(
                "learning_rate": lr, "resolution": resolution, "seed": seed, "device": device, "dtype": dtype}
     if task == "edit" and not no_crop:
         options["detector_model"] = detector_model  # the same Grounding DINO finds the object to replace
+    options = {k: v for k, v in options.items() if v is not None or k == "ir_model"}
+    options["compile"] = compile  # None is kept: auto, on for GPUs (the configs' own default is off)
+    if low_memory is not None:
+        options["low_memory"] = low_memory
     settings = BenchSettings(
-        task=task, options={k: v for k, v in options.items() if v is not None or k == "ir_model"},
+        task=task, options=options,
         render_steps=render_steps,
         baseline=baseline, clip_model=clip_model,
         cmmd_model=cmmd_model, detector_model=None if no_crop else detector_model, fid_features=fid_features,

@@ -42,6 +42,7 @@ from .cli_shared import (  # noqa: E402, F401
 )
 from .cli_shared import quiet_libraries as _quiet_libraries  # noqa: E402
 from .cli_shared import split_similarity as _split_similarity  # noqa: E402
+from .cli_speed import Compile, LowMemory, announce_speed  # noqa: E402
 from .config import DEFAULT_DINO_MODEL, DEFAULT_GENERATION_MODEL, GenerateConfig  # noqa: E402
 from .errors import SisoError  # noqa: E402
 
@@ -82,9 +83,8 @@ def generate(
              "paper ran them; off for SD-Turbo; Sana has none).")] = None,
     text_encoder_lr: Annotated[float | None, typer.Option(
         help="Learning rate of the text encoders' LoRA (default: FLUX 5e-6; others the --lr).")] = None,
-    low_memory: Annotated[
-        bool, typer.Option(help="Gradient checkpointing in the denoiser and VAE decoder: less memory, ~1/3 slower.")
-    ] = False,
+    low_memory: LowMemory = None,
+    compile: Compile = False,
     dino_model: DinoModel = DEFAULT_DINO_MODEL,
     ir_model: IrModel = "auto",
     similarity: Similarity = None,
@@ -103,14 +103,15 @@ def generate(
         max_steps=max_steps, learning_rate=lr, early_stop_pct=early_stop_pct,
         early_stop_patience=early_stop_patience, denoise_steps=denoise_steps, grad_steps=grad_steps,
         lora_rank=lora_rank, train_text_encoder=train_text_encoder, text_encoder_learning_rate=text_encoder_lr,
-        low_memory=low_memory, dino_model=dino_model, ir_model=ir_model_option(ir_model),
+        low_memory=low_memory, compile=compile, dino_model=dino_model, ir_model=ir_model_option(ir_model),
         similarity=_split_similarity(similarity), device=device, dtype=dtype, lora_format=formats,
     )
     announce_device(device, dtype)
     similarity_hint(config)
     signals = StopSignals()
     result = run_with_progress(
-        lambda **hooks: run_generation(config, out, overwrite=overwrite, **hooks), config.max_steps, signals=signals
+        lambda **hooks: run_generation(config, out, overwrite=overwrite, **hooks), config.max_steps,
+        on_session=announce_speed, signals=signals,
     )
     print_summary(result)
     exit_after_signal(result, signals)
@@ -183,6 +184,11 @@ def web_app(
     device: Device = "auto",
     runs_dir: Annotated[Path, typer.Option(help="Where every run's directory is written.")] = Path("siso-runs"),
     max_upload_mb: Annotated[int, typer.Option(help="Largest accepted upload, in MB.")] = 25,
+    compile: Annotated[bool | None, typer.Option(
+        "--compile/--no-compile",
+        help="torch.compile the models (default: on for CUDA GPUs): the models stay loaded, so the first run's "
+             "compile (cached on disk: minutes once per machine, then seconds) pays back over every later run.",
+    )] = None,
     max_job_steps: Annotated[int, typer.Option(
         help="Most iterations one job may run (Continue included), so no client holds the GPU queue.")] = 200,
     max_job_minutes: Annotated[float, typer.Option(help="Longest one Start or Continue may run, in minutes.")] = 30.0,
@@ -201,7 +207,8 @@ def web_app(
     allowed = tuple(m.strip() for m in model_allowlist.split(",") if m.strip()) if model_allowlist else None
     settings = AppSettings(model=model, dino_model=dino_model, ir_model=ir_model_option(ir_model),
                            resolution=resolution, max_steps=max_steps, device=device, runs_dir=runs_dir,
-                           max_upload_mb=max_upload_mb, max_job_steps=max_job_steps, max_job_minutes=max_job_minutes)
+                           max_upload_mb=max_upload_mb, max_job_steps=max_job_steps, max_job_minutes=max_job_minutes,
+                           compile=compile)
     if allowed is None and not local:
         allowed = (settings.model, settings.edit_model)  # clients must not make the server load arbitrary paths
     settings = dataclasses.replace(settings, model_allowlist=allowed)

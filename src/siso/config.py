@@ -66,7 +66,11 @@ class GenerateConfig:
     lora_rank: int = 4
     train_text_encoder: bool | None = None  # None: the backbone preset (on for SDXL-Turbo and FLUX)
     text_encoder_learning_rate: float | None = None  # None: the preset's, else the denoiser's
-    low_memory: bool = False  # gradient checkpointing in the denoiser and the VAE decoder
+    #: gradient checkpointing (exact): True the VAE decoder and the denoiser, False none, None (auto)
+    #: chosen from the GPU's free memory (see Backbone.choose_memory_plan)
+    low_memory: bool | None = None
+    #: torch.compile the denoiser, VAE decoder and similarity towers (siso.speed); None: on for CUDA GPUs
+    compile: bool | None = False
     dino_model: str = DEFAULT_DINO_MODEL
     ir_model: str | None = IR_AUTO  # auto: siso's cached conversion if there is one; None: no IR
     similarity: tuple[str, ...] | None = None  # None: dino, plus ir when an IR model is available
@@ -308,6 +312,8 @@ class EditConfig:
     #: gradients: the reference differentiates the final step only.
     grad_steps: int = 1
     lora_rank: int = 4
+    low_memory: bool | None = None  # as GenerateConfig's: None chooses from the GPU's free memory
+    compile: bool | None = False  # as GenerateConfig's: None compiles on CUDA GPUs
     dino_model: str = DEFAULT_DINO_MODEL
     ir_model: str | None = IR_AUTO  # auto: siso's cached conversion if there is one; None: no IR
     similarity: tuple[str, ...] | None = None  # None: dino, plus ir when an IR model is available

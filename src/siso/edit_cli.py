@@ -34,6 +34,7 @@ from .cli_shared import (
     similarity_hint,
     split_similarity,
 )
+from .cli_speed import Compile, LowMemory, announce_speed
 from .config import (
     DEFAULT_DETECTOR_MODEL,
     DEFAULT_DINO_MODEL,
@@ -69,6 +70,8 @@ def edit(
     grad_steps: Annotated[int, typer.Option(
         help="How many of the re-run steps carry gradients (the last ones; the paper's 1 suffices).")] = 1,
     lora_rank: LoraRank = 4,
+    low_memory: LowMemory = None,
+    compile: Compile = False,
     dino_model: DinoModel = DEFAULT_DINO_MODEL,
     ir_model: IrModel = "auto",
     similarity: Similarity = None,
@@ -98,7 +101,8 @@ def edit(
         subject=subject, input=input, subject_class=subject_class, input_class=input_class, mask=mask,
         bg_weight=bg_weight, strength=strength, inversion_steps=inversion_steps, model=model, seed=seed,
         resolution=resolution, max_steps=max_steps, learning_rate=lr, early_stop_pct=early_stop_pct,
-        early_stop_patience=early_stop_patience, grad_steps=grad_steps, lora_rank=lora_rank, dino_model=dino_model,
+        early_stop_patience=early_stop_patience, grad_steps=grad_steps, lora_rank=lora_rank, low_memory=low_memory,
+        compile=compile, dino_model=dino_model,
         ir_model=ir_model_option(ir_model),
         similarity=split_similarity(similarity), label_model=label_model, detector_model=detector_model,
         segmenter_model=segmenter_model, box_threshold=box_threshold, text_threshold=text_threshold,
@@ -111,6 +115,7 @@ def edit(
         for role, name in (("subject", "Subject"), ("input", "Replacing")):
             console.print(f"{name}: {escape(session.labels[role].describe())}")
         console.print(f"Mask: {escape(_describe_mask(session.mask))}; inversion residual {session.residual:.4f}")
+        announce_speed(session)
 
     signals = StopSignals()
     result = run_with_progress(

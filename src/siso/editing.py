@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from .backbones import Backbone, backbone_class_for, render
+from .backbones.base import MemoryPlan
 from .backbones.stable_diffusion import StableDiffusionBackbone
 from .backbones.stable_diffusion_xl import StableDiffusionXLBackbone
 from .config import EditConfig
@@ -33,9 +34,11 @@ from .generation import (
     Status,
     _out_of_memory_as_error,
     _quiet,
+    apply_speed_settings,
     check_similarity_sources,
     load_similarity_loss,
     similarity_sources,
+    speed_record,
 )
 from .images import load_image, pil_to_tensor, tensor_to_pil, working_copy
 from .inversion import Inversion, ReNoiseSettings, inversion_residual, invert
@@ -47,6 +50,7 @@ from .optimize import LoopSettings, Optimization, StepEvent
 from .runs import check_run_dir, library_versions, prepare_run_dir
 from .similarity import SimilarityLoss
 from .sources import check_source
+from .speed import CompileRecord
 
 PROMPT = "a photo of a {}"
 #: what the run directory holds besides generation's files
@@ -101,6 +105,8 @@ class EditSession(SessionControls):
     reconstruction: torch.Tensor  # the inverted scene rendered back with the untouched model
     residual: float
     setup_seconds: float = 0.0
+    memory: MemoryPlan | None = None
+    compiled: CompileRecord | None = None
 
     @property
     def prompts(self) -> dict[str, str]:
@@ -128,6 +134,7 @@ class EditSession(SessionControls):
             "backbone": type(self.backbone).__name__,
             "device": str(self.device),
             "dtype": dtype_name(self.dtype),
+            **speed_record(self),
             "versions": library_versions(),
         }
 
@@ -239,8 +246,11 @@ def prepare_edit(config: EditConfig, status: Status = _quiet, cache: ModelCache 
         # (1, the reference's `set_grad_enabled(i == last)`: the paper finds the final step suffices).
         return render(backbone, edit_cond, config.seed, config.resolution, steps, config.grad_steps, start=start)
 
+    with _out_of_memory_as_error(config):
+        # After the inversion, which stays eager on a model not compiled before: the loop is what repeats.
+        render_fn, memory, compiled = apply_speed_settings(backbone, similarity, config, render_edit, status)
     optimization = Optimization(
-        render=render_edit,
+        render=render_fn,
         loss_fn=loss,
         params=lora_parameter_groups(backbone),
         snapshot=lambda: snapshot_lora(backbone),
@@ -248,7 +258,8 @@ def prepare_edit(config: EditConfig, status: Status = _quiet, cache: ModelCache 
         early_stop_offset=loss.offset,
     )
     return EditSession(config, backbone, loss, optimization, device, dtype, scene, mask, labels, inversion,
-                       reconstruction, residual, setup_seconds=time.perf_counter() - started)
+                       reconstruction, residual, setup_seconds=time.perf_counter() - started, memory=memory,
+                       compiled=compiled)
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from .backbones import Backbone, render
+from .backbones.base import MemoryPlan
 from .config import EditConfig, GenerateConfig
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import NoResultError, SisoError
@@ -26,6 +27,7 @@ from .models import ModelCache
 from .optimize import LoopSettings, Optimization, StepEvent
 from .runs import RunWriter, check_run_dir, library_versions, prepare_run_dir
 from .similarity import SIMILARITY_MODELS, SimilarityLoss
+from .speed import CompileRecord, compile_modules, iteration_modules, mark_iterations
 
 Status = Callable[[str], None]
 
@@ -66,6 +68,8 @@ class GenerationSession(SessionControls):
     device: torch.device
     dtype: torch.dtype
     setup_seconds: float = 0.0
+    memory: MemoryPlan | None = None  # the memory savers the run uses, and why
+    compiled: CompileRecord | None = None  # whether (and how) the iteration's modules are compiled
 
     def record(self) -> dict[str, Any]:
         return {
@@ -76,6 +80,7 @@ class GenerationSession(SessionControls):
             "preset": self.backbone.preset.to_record(),
             "device": str(self.device),
             "dtype": dtype_name(self.dtype),
+            **speed_record(self),
             "versions": library_versions(),
         }
 
@@ -101,9 +106,8 @@ def prepare_generation(config: GenerateConfig, status: Status = _quiet,
         backbone.check_resolution(config.resolution)
         loss = load_similarity_loss(config, subjects, cache, device, dtype, status)
         attach_lora(backbone, config.lora_rank, config.train_text_encoder, config.seed)
-        if config.low_memory:
-            backbone.enable_low_memory()
         render_fn = _make_render(backbone, config)
+        render_fn, memory, compiled = apply_speed_settings(backbone, loss, config, render_fn, status)
     optimization = Optimization(
         render=render_fn,
         loss_fn=loss,
@@ -113,7 +117,28 @@ def prepare_generation(config: GenerateConfig, status: Status = _quiet,
         early_stop_offset=loss.offset,
     )
     return GenerationSession(config, backbone, loss, optimization, device, dtype,
-                             setup_seconds=time.perf_counter() - started)
+                             setup_seconds=time.perf_counter() - started, memory=memory, compiled=compiled)
+
+
+def apply_speed_settings(backbone: Backbone, loss: torch.nn.Module, config: GenerateConfig | EditConfig,
+                         render_fn: Callable[[], torch.Tensor], status: Status = _quiet,
+                         ) -> tuple[Callable[[], torch.Tensor], MemoryPlan, CompileRecord]:
+    """Memory savers and compilation for a run whose weights are all in place (LoRA attached, frozen
+    text encoders parked): the free memory is then what the loop has. Returns the render to loop on."""
+    memory = backbone.choose_memory_plan(config.low_memory, config.resolution)
+    backbone.apply_memory_plan(memory)
+    status(memory.describe())
+    compiled = compile_modules(iteration_modules(backbone, loss), config.compile, backbone.device)
+    return mark_iterations(render_fn, compiled), memory, compiled
+
+
+def speed_record(session: Any) -> dict[str, Any]:
+    """run.json's ``memory``, ``compile`` and ``weights_variant`` entries of a prepared session."""
+    return {
+        "memory": session.memory.to_record() if session.memory is not None else None,
+        "compile": session.compiled.to_record() if session.compiled is not None else None,
+        "weights_variant": getattr(session.backbone, "weights_variant", None),
+    }
 
 
 def check_similarity_sources(config: GenerateConfig | EditConfig, cache: ModelCache) -> None:

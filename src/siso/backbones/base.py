@@ -50,11 +50,23 @@ class Backbone(ABC):
     lora_formats: ClassVar[tuple[str, ...]] = LORA_FORMATS
     default_lora_formats: ClassVar[tuple[str, ...]] = ("diffusers",)
     preset: ClassVar[BackbonePreset] = BackbonePreset()
+    #: Activation memory (GiB) one iteration keeps for backward beyond the resident weights, at
+    #: 512 px, bf16, DINO + IR, per memory tier (:data:`MEMORY_TIERS`): what ``--low-memory`` auto
+    #: compares with the GPU's free memory. None: no estimate, so auto keeps the choice made at load time
+    #: (FLUX picks its savers from the GPU's size in ``place_on``).
+    activation_gib_512: ClassVar[Mapping[str, float] | None] = None
+    #: kept free on top of the estimate: the allocator's fragmentation and the backward's transients
+    memory_margin_gib: ClassVar[float] = 1.0
 
     def __init__(self, pipeline: DiffusionPipeline, model_id: str) -> None:
         self.pipeline = pipeline
         self.model_id = model_id
         self._offloaded: set[str] = set()  # text encoders parked on the CPU by offload_text_encoders
+        #: the memory tier ``place_on`` chose for the GPU (auto keeps it where there is no estimate)
+        self.load_time_tier = "plain"
+        self.streams_denoiser = False  # set by stream_denoiser_blocks
+        #: "fp16" when the Hub's (or directory's) fp16 weight files were loaded instead of the full ones
+        self.weights_variant: str | None = None
 
     @classmethod
     def check_options(cls, model: str, train_text_encoder: bool, lora_formats: tuple[str, ...] | None = ()) -> None:
@@ -207,12 +219,70 @@ class Backbone(ABC):
                 module.register_state_dict_post_hook(_state_dict_with_cpu_weight)
                 kept += weight.numel() * weight.element_size()
         self.enable_gradient_checkpointing()
+        self.streams_denoiser = True
         return kept
 
     def place_on(self, device: torch.device) -> None:
         """Move the loaded (frozen, CPU) pipeline to ``device``; adapters of big models override this
         to choose memory savers from the GPU's size first."""
         self.pipeline.to(device)
+
+    def choose_memory_plan(self, low_memory: bool | None, resolution: int) -> MemoryPlan:
+        """The memory savers of a run: forced by ``low_memory``, or (``None``) chosen from the GPU's free memory.
+
+        Call it once the run's weights are on the GPU (LoRA attached, frozen text encoders parked):
+        the free memory is then what the loop's activations can have. Auto takes the fastest tier
+        whose estimated activations (scaled with the pixel count) plus a margin fit, else the lightest.
+        Every tier computes the same numbers (checkpointing reruns the same forward in backward).
+        """
+        if low_memory is not None:
+            return MemoryPlan("checkpoint-all" if low_memory else "plain",
+                              "--low-memory" if low_memory else "--no-low-memory")
+        free = cuda_free_memory_gib(self.device)
+        if free is None:
+            return MemoryPlan(self.load_time_tier, f"auto: {self.device.type} device, no GPU memory to save")
+        estimates = self.activation_gib_512
+        if estimates is None:
+            return MemoryPlan(self.load_time_tier, f"auto: {free:.1f} GiB free; {type(self).__name__} chose its "
+                              "savers from the GPU's size when it loaded", free)
+        # Activations grow with the pixel count, and double in fp32.
+        scale = (resolution / 512) ** 2 * self.denoiser.dtype.itemsize / 2
+        for tier in MEMORY_TIERS:
+            needed = estimates[tier] * scale + self.memory_margin_gib
+            if free >= needed:
+                return MemoryPlan(tier, f"auto: {free:.1f} GiB free, ~{needed:.1f} GiB needed", free)
+        return MemoryPlan(MEMORY_TIERS[-1], f"auto: {free:.1f} GiB free, less than the ~{needed:.1f} GiB the "
+                          "lightest setting is estimated to need", free)
+
+    def apply_memory_plan(self, plan: MemoryPlan) -> None:
+        """Switch the plan's savers on and every other one off (a cached backbone keeps no earlier run's).
+
+        A streamed denoiser keeps its checkpointing: without it autograd would hold every block's
+        fetched weights.
+        """
+        denoiser = self.denoiser
+        if plan.denoiser_checkpointing or self.streams_denoiser:
+            self.enable_gradient_checkpointing()
+        elif denoiser.is_gradient_checkpointing:
+            denoiser.disable_gradient_checkpointing()
+        vae = getattr(self.pipeline, "vae", None)
+        if vae is not None and getattr(vae, "_supports_gradient_checkpointing", False):
+            if plan.vae_checkpointing:
+                vae.enable_gradient_checkpointing()
+            elif vae.is_gradient_checkpointing:
+                vae.disable_gradient_checkpointing()
+
+    def compiled_modules(self) -> dict[str, torch.nn.Module]:
+        """What ``--compile`` compiles: the modules that run forward and backward every iteration.
+
+        A streamed denoiser is left eager: its weights come from CPU memory on each call, which
+        neither inductor nor CUDA graphs can keep static.
+        """
+        modules = {} if self.streams_denoiser else {"denoiser": self.denoiser}
+        vae = getattr(self.pipeline, "vae", None)
+        if vae is not None:
+            modules["vae_decoder"] = vae.decoder
+        return modules
 
     # -- the pieces of a render -------------------------------------------------------------
     @property
@@ -355,6 +425,53 @@ def _state_dict_with_cpu_weight(module: torch.nn.Module, state_dict: dict, prefi
     """A streamed layer's state dict shows its real ``weight`` (LoRA loaders read the shapes)."""
     state_dict.pop(prefix + "parametrizations.weight.original", None)
     state_dict[prefix + "weight"] = module.parametrizations.weight[0].cpu_weight
+
+
+#: Memory savers, fastest first; all exact (checkpointing recomputes the same forward during backward).
+#: The VAE decoder comes first: at 512 px it keeps more activations for backward than the SD or SDXL
+#: UNet (~2.8 GiB in bf16 against ~1.1 and ~2.1) and costs a third as much to recompute. diffusers'
+#: other decoder savers do not fit: slicing is a no-op for one image, tiling is not exact.
+MEMORY_TIERS = ("plain", "checkpoint-vae", "checkpoint-all")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Which memory savers a run uses, and why: run.json's ``memory``."""
+
+    tier: str  # one of MEMORY_TIERS
+    reason: str
+    free_gib: float | None = None  # the GPU's free memory when auto chose
+
+    @property
+    def denoiser_checkpointing(self) -> bool:
+        return self.tier == "checkpoint-all"
+
+    @property
+    def vae_checkpointing(self) -> bool:
+        return self.tier != "plain"
+
+    def describe(self) -> str:
+        what = {"plain": "no savers (fastest)", "checkpoint-vae": "gradient checkpointing in the VAE decoder",
+                "checkpoint-all": "gradient checkpointing in the denoiser and the VAE decoder"}[self.tier]
+        return f"Memory: {what} ({self.reason})"
+
+    def to_record(self) -> dict[str, Any]:
+        return {"tier": self.tier, "denoiser_checkpointing": self.denoiser_checkpointing,
+                "vae_checkpointing": self.vae_checkpointing, "reason": self.reason,
+                "free_gib": round(self.free_gib, 2) if self.free_gib is not None else None}
+
+
+def cuda_free_memory_gib(device: torch.device) -> float | None:
+    """Memory a CUDA ``device`` can still give this process, in GiB; None for other devices.
+
+    The driver's free memory plus what PyTorch's caching allocator holds but does not use (in a
+    long-lived app the previous run's activations stay reserved, yet are ours to reuse).
+    """
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return (free + cached) / 2**30
 
 
 def cuda_memory_gib(device: torch.device) -> float | None:

@@ -64,6 +64,7 @@ class FluxBackbone(Backbone):
         super().place_on(device)
         if memory is not None and memory < self.checkpointing_below_gib:
             self.enable_gradient_checkpointing()
+            self.load_time_tier = "checkpoint-all"  # what --low-memory auto keeps for FLUX
 
     @property
     def resolution_multiple(self) -> int:

@@ -21,6 +21,13 @@ class StableDiffusionBackbone(Backbone):
     # The kohya file is small and is what ComfyUI and A1111 load, so it is written by default too.
     default_lora_formats: ClassVar[tuple[str, ...]] = ("diffusers", "kohya")
     preset: ClassVar[BackbonePreset] = BackbonePreset(learning_rate=2e-4, render_steps=4)
+    # What each part keeps for backward at 512 px in bf16, counted on the CPU with the real
+    # architectures (saved-tensor hooks, random weights): UNet 1.1 GiB (0.15 checkpointed), VAE
+    # decoder 2.8 (0.4 checkpointed), DINOv2-L at 518 px 1.2, IR at 290 px 1.6. The H200 reference
+    # run (peak 9.0 GiB with ~3.5 GiB of weights, a smaller IR) agrees. Estimates, not GPU peaks.
+    activation_gib_512: ClassVar[Mapping[str, float] | None] = {
+        "plain": 6.7, "checkpoint-vae": 4.3, "checkpoint-all": 3.4,
+    }
 
     def base_model(self) -> BaseModel:
         """SD 1.x or 2.x from the architecture, not the model id: SD-Turbo is SD 2.1 (512 px, epsilon).
