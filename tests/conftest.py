@@ -119,14 +119,12 @@ def run_siso(monkeypatch, capsys):
     error handling and exit codes are what is tested). The output must never hold a traceback."""
     import sys
 
-    from rich.console import Console
-
-    from siso import cli, cli_shared
+    from siso import cli
+    from siso.cli import output
 
     # Off a terminal rich wraps at 80 columns, which would split messages (and paths) across lines.
-    wide = Console(stderr=True, width=10_000)
-    monkeypatch.setattr(cli, "console", wide)
-    monkeypatch.setattr(cli_shared, "console", wide)
+    # Every command prints through this one console object.
+    monkeypatch.setattr(output.console, "_width", 10_000)
 
     def run(*argv) -> tuple[int, str]:
         capsys.readouterr()  # drop whatever fixtures printed

@@ -16,9 +16,9 @@ from PIL import Image
 
 from siso.config import EditConfig, GenerateConfig
 from siso.editing import background_mse, run_edit
+from siso.editing.masks import square_crop
 from siso.generation import run_generation
 from siso.images import load_image, pil_to_tensor, tensor_to_pil
-from siso.masks import square_crop
 from siso.models import ModelCache
 
 

@@ -11,8 +11,7 @@ from PIL import Image
 
 from siso.backbones import load_backbone
 from siso.backbones.base import render
-from siso.images import load_image, pil_to_tensor
-from siso.inversion import (
+from siso.editing.inversion import (
     ReNoiseSettings,
     _autocorrelation,
     _patch_kl,
@@ -23,8 +22,9 @@ from siso.inversion import (
     make_sampler,
     regularize,
 )
+from siso.editing.masks import square_crop
+from siso.images import load_image, pil_to_tensor
 from siso.lora import attach_lora
-from siso.masks import square_crop
 
 CPU = torch.device("cpu")
 PROMPT = "a photo of a cat"

@@ -11,11 +11,11 @@ from conftest import RESOLUTION
 from PIL import Image
 
 from siso.config import EditConfig
-from siso.editing import find_labels_and_mask
+from siso.editing.labels import VOCABULARY, ClipLabeller, Label
+from siso.editing.masks import ObjectFinder, largest_region_filled, load_user_mask, square_crop
+from siso.editing.session import find_labels_and_mask
 from siso.errors import SisoError
 from siso.images import load_image, working_copy
-from siso.labels import VOCABULARY, ClipLabeller, Label
-from siso.masks import ObjectFinder, largest_region_filled, load_user_mask, square_crop
 
 CPU = torch.device("cpu")
 DREAMBOOTH_CLASSES = ("backpack", "stuffed animal", "bowl", "can", "candle", "cat", "clock", "sneaker", "dog", "toy",

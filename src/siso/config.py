@@ -48,24 +48,21 @@ class BackbonePreset:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class GenerateConfig:
-    """A generation run: optimise a LoRA so the model's image of ``prompt`` shows the subject."""
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """What every optimising run shares, generation and editing: each knob declared, checked and
+    recorded once. Subclasses add their task's fields and may change a default."""
 
-    subjects: tuple[Path, ...]
-    prompt: str
-    model: str = DEFAULT_GENERATION_MODEL
+    model: str
     seed: int = 42
     resolution: int = 512
     max_steps: int = 50
     learning_rate: float | None = None  # None: the backbone preset
     early_stop_pct: float = 3.0
     early_stop_patience: int | None = None  # None: the backbone preset
-    denoise_steps: int | None = None
+    #: how many of the last denoising steps carry gradients; None: the backbone preset
     grad_steps: int | None = None
     lora_rank: int = 4
-    train_text_encoder: bool | None = None  # None: the backbone preset (on for SDXL-Turbo and FLUX)
-    text_encoder_learning_rate: float | None = None  # None: the preset's, else the denoiser's
     #: gradient checkpointing (exact): True the VAE decoder and the denoiser, False none, None (auto)
     #: chosen from the GPU's free memory (see Backbone.choose_memory_plan)
     low_memory: bool | None = None
@@ -82,9 +79,72 @@ class GenerateConfig:
     # Adam, grad clipping: the reference's values; not on the CLI, but recorded.
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_weight_decay: float | None = None  # None: the backbone preset (1e-2; FLUX and Sana 1e-4)
-    text_encoder_weight_decay: float | None = None  # None: the preset's, else adam_weight_decay
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_positive("max-steps", self.max_steps)
+        _check_positive("lora-rank", self.lora_rank)
+        for name, value in (("grad-steps", self.grad_steps), ("early-stop-patience", self.early_stop_patience)):
+            if value is not None:
+                _check_positive(name, value)
+        _check_size_and_seed(self)
+        _check_number("lr", self.learning_rate, exclusive=True)
+        _check_number("early-stop-pct", self.early_stop_pct)
+        for flag, value in (("dino-weight", self.dino_weight), ("ir-weight", self.ir_weight),
+                            ("adam-weight-decay", self.adam_weight_decay), ("max-grad-norm", self.max_grad_norm),
+                            ("adam-eps", self.adam_eps)):
+            _check_number(flag, value)
+        _check_device_and_dtype(self)
+        object.__setattr__(self, "lora_format", _check_lora_formats(self.lora_format))
+        if self.similarity is not None:
+            names = tuple(self.similarity)
+            if not names or any(n not in SIMILARITY_NAMES for n in names):
+                raise SisoError(f"--similarity takes a comma-separated list of {', '.join(SIMILARITY_NAMES)}; "
+                                f"got {','.join(names) or 'nothing'}.")
+            if "ir" in names and not self.ir_model:
+                raise SisoError("--similarity includes ir but no IR model is configured: pass --ir-model DIR "
+                                "(a directory made by `siso convert-ir`).")
+            object.__setattr__(self, "similarity", names)
+
+    @property
+    def similarity_names(self) -> tuple[str, ...]:
+        """The similarity models the run uses: ``similarity``, else DINO plus IR when one is found."""
+        if self.similarity is not None:
+            return self.similarity
+        return ("dino", "ir") if resolve_ir_model(self.ir_model) else ("dino",)
+
+    def input_sources(self) -> tuple[str | Path | None, ...]:
+        """Everything the run reads by name: photos, masks, models (Hub ids or paths)."""
+        return (self.model, self.dino_model, self.ir_model)
+
+    def input_paths(self) -> tuple[Path, ...]:
+        """Every local file or directory the run reads (an --overwrite must not replace any)."""
+        return tuple(Path(s) for s in self.input_sources() if s and Path(s).exists())
+
+    def with_ir_resolved(self) -> Any:
+        """``ir_model`` ``auto`` replaced by the cached IR conversion, or None (then DINO only)."""
+        ir_model = resolve_ir_model(self.ir_model)
+        if ir_model is None and self.similarity is not None and "ir" in self.similarity:
+            raise SisoError(f"--similarity includes ir, but --ir-model {self.ir_model} found no IR model. {GET_IR}")
+        return _replace(self, ir_model=ir_model)
+
+    def to_record(self) -> dict[str, Any]:
+        """The config as run.json records it (paths as strings)."""
+        return {name: _recordable(value) for name, value in asdict(self).items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateConfig(RunConfig):
+    """A generation run: optimise a LoRA so the model's image of ``prompt`` shows the subject."""
+
+    subjects: tuple[Path, ...]
+    prompt: str
+    model: str = DEFAULT_GENERATION_MODEL
+    denoise_steps: int | None = None  # None: the backbone preset
+    train_text_encoder: bool | None = None  # None: the backbone preset (on for SDXL-Turbo and FLUX)
+    text_encoder_learning_rate: float | None = None  # None: the preset's, else the denoiser's
+    text_encoder_weight_decay: float | None = None  # None: the preset's, else adam_weight_decay
 
     def __post_init__(self) -> None:
         if not self.subjects:
@@ -92,49 +152,14 @@ class GenerateConfig:
         object.__setattr__(self, "subjects", tuple(Path(p) for p in self.subjects))
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise SisoError('The prompt is empty: pass a description such as --prompt "a photo of a dog".')
-        _check_positive("max-steps", self.max_steps)
-        _check_shared(self)
-        _check_positive("lora-rank", self.lora_rank)
-        for name, value in (("denoise-steps", self.denoise_steps), ("grad-steps", self.grad_steps),
-                            ("early-stop-patience", self.early_stop_patience)):
-            if value is not None:
-                _check_positive(name, value)
+        super().__post_init__()
+        if self.denoise_steps is not None:
+            _check_positive("denoise-steps", self.denoise_steps)
         _check_number("text-encoder-lr", self.text_encoder_learning_rate, exclusive=True)
         _check_number("text-encoder-weight-decay", self.text_encoder_weight_decay)
-        if self.device not in DEVICES:
-            raise SisoError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}.")
-        if self.dtype not in DTYPES:
-            raise SisoError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
-        object.__setattr__(self, "lora_format", _check_lora_formats(self.lora_format))
-        if self.similarity is not None:
-            names = tuple(self.similarity)
-            unknown = [n for n in names if n not in SIMILARITY_NAMES]
-            if unknown or not names:
-                raise SisoError(
-                    f"--similarity takes a comma-separated list of {', '.join(SIMILARITY_NAMES)}; "
-                    f"got {','.join(names) or 'nothing'}."
-                )
-            if "ir" in names and not self.ir_model:
-                raise SisoError(
-                    "--similarity includes ir but no IR model is configured: pass --ir-model DIR "
-                    "(a directory made by `siso convert-ir`)."
-                )
-            object.__setattr__(self, "similarity", names)
 
-    @property
-    def similarity_names(self) -> tuple[str, ...]:
-        return _similarity_names(self.similarity, self.ir_model)
-
-    def input_paths(self) -> tuple[Path, ...]:
-        """Every local file or directory the run reads (an --overwrite must not replace any)."""
-        return _local_paths(*self._input_sources())
-
-    def _input_sources(self) -> tuple[str | Path | None, ...]:
-        return (*self.subjects, self.model, self.dino_model, self.ir_model)
-
-    def with_ir_resolved(self) -> Any:
-        """``ir_model`` ``auto`` replaced by the cached IR conversion, or None (then DINO only)."""
-        return _with_ir_resolved(self)
+    def input_sources(self) -> tuple[str | Path | None, ...]:
+        return (*self.subjects, *super().input_sources())
 
     def resolved(self, preset: BackbonePreset, lora_formats: tuple[str, ...] = ("diffusers",)) -> GenerateConfig:
         """Fill every ``None`` knob from the backbone preset and its default ``lora_formats``, so the
@@ -163,31 +188,13 @@ class GenerateConfig:
             )
         return resolved
 
-    def to_record(self) -> dict[str, Any]:
-        record = asdict(self)
-        record["subjects"] = [str(p) for p in self.subjects]
-        return record
-
-
-def _similarity_names(similarity: tuple[str, ...] | None, ir_model: str | None) -> tuple[str, ...]:
-    if similarity is not None:
-        return similarity
-    return ("dino", "ir") if resolve_ir_model(ir_model) else ("dino",)
-
-
-def _with_ir_resolved(config: Any) -> Any:
-    ir_model = resolve_ir_model(config.ir_model)
-    if ir_model is None and config.similarity is not None and "ir" in config.similarity:
-        raise SisoError(f"--similarity includes ir, but --ir-model {config.ir_model} found no IR model. {GET_IR}")
-    return _replace(config, ir_model=ir_model)
-
 
 def _first(*values: Any) -> Any:
     """The first value that is not ``None``: the user's, else the preset's, else the fallback."""
     return next(value for value in values if value is not None)
 
 
-def _replace(config: GenerateConfig, **changes: Any) -> GenerateConfig:
+def _replace(config: Any, **changes: Any) -> Any:
     values = {f.name: getattr(config, f.name) for f in fields(config)}
     values.update(changes)
     return type(config)(**values)
@@ -227,20 +234,19 @@ def _check_size_and_seed(config: Any) -> None:
         raise SisoError(f"--seed must be a whole number from 0 to 2**64 - 1, got {config.seed!r}.")
 
 
-def _check_shared(config: Any) -> None:
-    """The checks every optimising run's numbers share (generation and editing)."""
-    _check_size_and_seed(config)
-    _check_number("lr", config.learning_rate, exclusive=True)
-    _check_number("early-stop-pct", config.early_stop_pct)
-    for flag, value in (("dino-weight", config.dino_weight), ("ir-weight", config.ir_weight),
-                        ("adam-weight-decay", config.adam_weight_decay), ("max-grad-norm", config.max_grad_norm),
-                        ("adam-eps", config.adam_eps)):
-        _check_number(flag, value)
+def _check_device_and_dtype(config: Any) -> None:
+    if config.device not in DEVICES:
+        raise SisoError(f"--device must be one of {', '.join(DEVICES)}, got {config.device!r}.")
+    if config.dtype not in DTYPES:
+        raise SisoError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}.")
 
 
-def _local_paths(*sources: str | Path | None) -> tuple[Path, ...]:
-    """The sources that name local files or directories (Hub ids do not exist on disk)."""
-    return tuple(Path(s) for s in sources if s and Path(s).exists())
+def _recordable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return [_recordable(v) for v in value]
+    return value
 
 
 def _check_positive(flag: str, value: int) -> None:
@@ -272,10 +278,7 @@ class RenderConfig:
             _check_positive("steps", self.steps)
         if self.prompt_tokens is not None:
             _check_positive("prompt-tokens", self.prompt_tokens)
-        if self.device not in DEVICES:
-            raise SisoError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}.")
-        if self.dtype not in DTYPES:
-            raise SisoError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        _check_device_and_dtype(self)
 
 
 DEFAULT_EDITING_MODEL = "stabilityai/sd-turbo"
@@ -285,12 +288,12 @@ DEFAULT_DETECTOR_MODEL = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SEGMENTER_MODEL = "facebook/sam-vit-base"
 
 
-@dataclass(frozen=True)
-class EditConfig:
+@dataclass(frozen=True, kw_only=True)
+class EditConfig(RunConfig):
     """An editing run: swap the object of class ``input_class`` in the scene ``input`` for the subject.
 
     Classes left ``None`` are found by the CLIP labeller; without ``mask`` Grounding DINO + SAM find
-    the object. Defaults are the method's editing numbers (method-facts, Editing).
+    the object. Defaults are the method's editing numbers (docs/fidelity.md, Editing).
     """
 
     subject: Path
@@ -302,35 +305,17 @@ class EditConfig:
     strength: float = 0.75
     inversion_steps: int = 4
     model: str = DEFAULT_EDITING_MODEL
-    seed: int = 42
-    resolution: int = 512
-    max_steps: int = 50
-    learning_rate: float = 3e-4
-    early_stop_pct: float = 3.0
-    early_stop_patience: int = 7
+    learning_rate: float | None = 3e-4
+    early_stop_patience: int | None = 7
     #: of the ``strength * inversion_steps`` steps the edit re-runs, how many (the last ones) carry
     #: gradients: the reference differentiates the final step only.
-    grad_steps: int = 1
-    lora_rank: int = 4
-    low_memory: bool | None = None  # as GenerateConfig's: None chooses from the GPU's free memory
-    compile: bool | None = False  # as GenerateConfig's: None compiles on CUDA GPUs
-    dino_model: str = DEFAULT_DINO_MODEL
-    ir_model: str | None = IR_AUTO  # auto: siso's cached conversion if there is one; None: no IR
-    similarity: tuple[str, ...] | None = None  # None: dino, plus ir when an IR model is available
-    dino_weight: float = 1.0
-    ir_weight: float = 1.0
+    grad_steps: int | None = 1
+    adam_weight_decay: float | None = 1e-2
     label_model: str = DEFAULT_LABEL_MODEL
     detector_model: str = DEFAULT_DETECTOR_MODEL
     segmenter_model: str = DEFAULT_SEGMENTER_MODEL
     box_threshold: float = 0.3
     text_threshold: float = 0.25
-    device: str = "auto"
-    dtype: str = "auto"
-    lora_format: tuple[str, ...] | None = None  # None: the backbone's default_lora_formats
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_weight_decay: float = 1e-2
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "subject", Path(self.subject))
@@ -344,11 +329,12 @@ class EditConfig:
                     raise SisoError(f'--{flag} is empty: name the object, e.g. --{flag} "dog", or leave it out '
                                     "to have it recognised automatically.")
                 object.__setattr__(self, name, " ".join(value.split()))
-        _check_shared(self)
-        for flag, value in (("max-steps", self.max_steps),
-                            ("lora-rank", self.lora_rank), ("inversion-steps", self.inversion_steps),
-                            ("early-stop-patience", self.early_stop_patience), ("grad-steps", self.grad_steps)):
-            _check_positive(flag, value)
+        super().__post_init__()
+        for flag, value in (("lr", self.learning_rate), ("early-stop-patience", self.early_stop_patience),
+                            ("grad-steps", self.grad_steps), ("adam-weight-decay", self.adam_weight_decay)):
+            if value is None:  # editing has no backbone preset to fill these from
+                raise SisoError(f"--{flag} needs a value for editing.")
+        _check_positive("inversion-steps", self.inversion_steps)
         if not (math.isfinite(self.bg_weight) and self.bg_weight >= 0):
             raise SisoError(f"--bg-weight must be >= 0 (0 turns the background loss off), got {self.bg_weight}.")
         if not 0 < self.strength <= 1:
@@ -367,44 +353,12 @@ class EditConfig:
         for flag, value in (("box-threshold", self.box_threshold), ("text-threshold", self.text_threshold)):
             if not 0 <= value <= 1:  # NaN fails this too
                 raise SisoError(f"--{flag} must be in [0, 1], got {value}.")
-        if self.device not in DEVICES:
-            raise SisoError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}.")
-        if self.dtype not in DTYPES:
-            raise SisoError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
-        object.__setattr__(self, "lora_format", _check_lora_formats(self.lora_format))
-        if self.similarity is not None:
-            names = tuple(self.similarity)
-            if not names or any(n not in SIMILARITY_NAMES for n in names):
-                raise SisoError(f"--similarity takes a comma-separated list of {', '.join(SIMILARITY_NAMES)}; "
-                                f"got {','.join(names) or 'nothing'}.")
-            if "ir" in names and not self.ir_model:
-                raise SisoError("--similarity includes ir but no IR model is configured: pass --ir-model DIR "
-                                "(a directory made by `siso convert-ir`).")
-            object.__setattr__(self, "similarity", names)
 
-    @property
-    def similarity_names(self) -> tuple[str, ...]:
-        return _similarity_names(self.similarity, self.ir_model)
-
-    def input_paths(self) -> tuple[Path, ...]:
-        """Every local file or directory the run reads (an --overwrite must not replace any)."""
-        return _local_paths(*self._input_sources())
-
-    def _input_sources(self) -> tuple[str | Path | None, ...]:
-        return (self.subject, self.input, self.mask, self.model, self.dino_model, self.ir_model, self.label_model,
-                self.detector_model, self.segmenter_model)
-
-    def with_ir_resolved(self) -> Any:
-        """``ir_model`` ``auto`` replaced by the cached IR conversion, or None (then DINO only)."""
-        return _with_ir_resolved(self)
+    def input_sources(self) -> tuple[str | Path | None, ...]:
+        return (self.subject, self.input, self.mask, *super().input_sources(), self.label_model, self.detector_model,
+                self.segmenter_model)
 
     def resolved(self, lora_formats: tuple[str, ...] = ("diffusers",)) -> EditConfig:
         """Fill the ``None`` knobs (``lora_formats``: the backbone's default), so the record shows what ran."""
         return _replace(self.with_ir_resolved(), similarity=self.similarity_names,
                         lora_format=_first(self.lora_format, lora_formats))
-
-    def to_record(self) -> dict[str, Any]:
-        record = asdict(self)
-        for name in ("subject", "input", "mask"):
-            record[name] = str(record[name]) if record[name] is not None else None
-        return record

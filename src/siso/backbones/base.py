@@ -181,17 +181,6 @@ class Backbone(ABC):
         """
         self.denoiser.enable_gradient_checkpointing()
 
-    def enable_low_memory(self) -> None:
-        """Checkpoint the denoiser and the VAE decoder: their activations are recomputed in backward.
-
-        Exact (the forward is run again), it costs roughly a third more time per iteration and
-        saves most of the activation memory of the two largest graphs of an iteration.
-        """
-        self.enable_gradient_checkpointing()
-        vae = getattr(self.pipeline, "vae", None)
-        if vae is not None and getattr(vae, "_supports_gradient_checkpointing", False):
-            vae.enable_gradient_checkpointing()
-
     def stream_denoiser_blocks(self) -> int:
         """Keep the weights of the denoiser's repeated blocks in CPU memory; return their bytes.
 

@@ -1,9 +1,5 @@
-"""What the optimising commands share: option types, the console, progress, Ctrl-C and the summary.
-
-A module of its own, not part of cli.py, because cli.py imports the commands that live in their own
-modules (edit_cli, ...): were those to import cli.py, ``python -m siso.cli`` would import it twice
-and the second import would find its command modules half-initialised.
-"""
+"""What a command shows and how it ends: the console, the progress bar, the device and settings
+lines, Ctrl-C and SIGTERM, the closing summary and the exit code after a signal."""
 
 from __future__ import annotations
 
@@ -12,7 +8,7 @@ import logging
 import signal
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -20,28 +16,6 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 console = Console(stderr=True)
-
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
-Dtype = Annotated[str, typer.Option(help="Frozen-weight precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")]
-Seed = Annotated[int, typer.Option(help="Seed of the fixed initial noise (as torch.Generator(device).manual_seed).")]
-Resolution = Annotated[int, typer.Option(help="Image side in pixels.")]
-MaxSteps = Annotated[int, typer.Option(help="Most optimisation iterations.")]
-EarlyStopPct = Annotated[float, typer.Option(
-    help="An iteration improves when the reference's loss -(sum of weighted cosines) drops by this % of the last "
-         "improvement's.")]
-LoraRank = Annotated[int, typer.Option(help="LoRA rank (alpha equals it).")]
-DinoModel = Annotated[str, typer.Option(help="DINOv2 Hub id or directory.")]
-IrModel = Annotated[str, typer.Option(
-    help="IR model directory made by `siso convert-ir` (adds the IR loss); auto: the one `siso convert-ir "
-         "--download` cached, if any; none: no IR loss.")]
-Similarity = Annotated[
-    str | None, typer.Option(help="Comma-separated: dino, ir (default: dino,ir when an IR model is found, else dino).")
-]
-Overwrite = Annotated[bool, typer.Option(help="Write into a non-empty --out (siso's files are replaced).")]
-LoraFormat = Annotated[list[str] | None, typer.Option(
-    help="LoRA files to write: diffusers (always) and kohya (ComfyUI / A1111). Default: both for SD and "
-         "SDXL, diffusers for FLUX and Sana; --lora-format diffusers writes the diffusers file alone."
-)]
 
 STOP_REASONS = {
     "early_stop": "stopped early (no further improvement)",
@@ -71,8 +45,8 @@ def quiet_libraries() -> None:
 
 def announce_device(device: str, dtype: str) -> None:
     """Say where the run computes before anything large is loaded (or downloaded); warn, not refuse, on the CPU."""
-    from .config import DEVICES, DTYPES
-    from .devices import dtype_name, resolve_device, resolve_dtype
+    from ..config import DEVICES, DTYPES
+    from ..devices import dtype_name, resolve_device, resolve_dtype
 
     if device not in DEVICES or dtype not in DTYPES:
         return  # the run's config refuses these with the message that names the choices
@@ -92,7 +66,7 @@ def announce_device(device: str, dtype: str) -> None:
 
 def settings_line(session: Any) -> str:
     """One line with the settings a prepared session resolved (the backbone's preset filled in)."""
-    from .devices import dtype_name
+    from ..devices import dtype_name
 
     config = session.config
     parts = [f"lr {config.learning_rate:.1e}".replace("e-0", "e-"),
@@ -145,28 +119,9 @@ class StopSignals:
 
 
 
-def split_similarity(value: str | None) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    return tuple(part.strip() for part in value.split(",") if part.strip())
-
-
-def lora_formats(values: Iterable[str] | None) -> tuple[str, ...] | None:
-    """The diffusers layout is always written; --lora-format adds others. None (no --lora-format):
-    the backbone's defaults."""
-    if not values:
-        return None
-    return tuple(dict.fromkeys(["diffusers", *values]))
-
-
-def ir_model_option(value: str) -> str | None:
-    """``--ir-model none`` switches the IR loss off; anything else (auto, a directory) is passed on."""
-    return None if value.strip().lower() == "none" else value
-
-
 def similarity_hint(config: Any) -> None:
     """Say once, plainly, when a run will not use the paper's DINO + IR loss because no IR model is found."""
-    from .ir_cache import DINO_ONLY_NOTICE, IR_AUTO
+    from ..ir_cache import DINO_ONLY_NOTICE, IR_AUTO
 
     if config.similarity is None and config.ir_model == IR_AUTO and "ir" not in config.similarity_names:
         console.print(f"[yellow]{escape(DINO_ONLY_NOTICE)}[/]")
@@ -217,10 +172,20 @@ def print_summary(result: Any, files: Iterable[tuple[str, str]] = ()) -> None:
     for name, path in files:
         console.print(f"  {name + ':':<11} {escape(path)}")
     if result.lora_dir is not None:
-        from .lora import KOHYA_WEIGHT_NAME
+        from ..lora import KOHYA_WEIGHT_NAME
 
         console.print(f"  LoRA:       {escape(str(result.lora_dir))}  (diffusers: pipe.load_lora_weights(...))")
         kohya = result.lora_dir / KOHYA_WEIGHT_NAME
         if kohya.is_file():
             console.print(f"              {escape(str(kohya))}  (ComfyUI: LoraLoader; A1111: <lora:{kohya.stem}:1>)")
     console.print(f"  record:     {escape(str(result.run_dir / 'run.json'))}")
+
+
+def announce_speed(session: Any) -> None:
+    """Print which memory savers the run uses (and why) and whether it is compiled."""
+    memory = getattr(session, "memory", None)
+    compiled = getattr(session, "compiled", None)
+    if memory is not None:
+        console.print(escape(memory.describe()))
+    if compiled is not None and compiled.enabled:
+        console.print(escape("Compiling: the first iteration takes longer (" + compiled.describe() + ")"))

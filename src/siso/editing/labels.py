@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .errors import SisoError
+from ..errors import SisoError
 
 PROMPT_TEMPLATE = "a photo of a {}."
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import SisoError
-from .images import load_image
+from ..errors import SisoError
+from ..images import load_image
 
 
 def square_crop(image: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:

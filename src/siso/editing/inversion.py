@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 
-from .backbones.base import Backbone, Conditioning, StartPoint, scheduler_swapped
-from .errors import SisoError
+from ..backbones.base import Backbone, Conditioning, StartPoint, scheduler_swapped
+from ..errors import SisoError
 
 SAMPLERS = ("ddim", "euler_ancestral")
 

@@ -19,15 +19,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .backbones import Backbone, backbone_class_for, render
-from .backbones.base import MemoryPlan
-from .backbones.stable_diffusion import StableDiffusionBackbone
-from .backbones.stable_diffusion_xl import StableDiffusionXLBackbone
-from .config import EditConfig
-from .devices import dtype_name, resolve_device, resolve_dtype
-from .errors import SisoError
-from .files import write_png
-from .generation import (
+from ..backbones import Backbone, backbone_class_for, render
+from ..backbones.base import MemoryPlan
+from ..backbones.stable_diffusion import StableDiffusionBackbone
+from ..backbones.stable_diffusion_xl import StableDiffusionXLBackbone
+from ..config import EditConfig
+from ..devices import dtype_name, resolve_device, resolve_dtype
+from ..errors import SisoError
+from ..files import write_png
+from ..generation import (
     GenerateResult,
     GenerationRun,
     SessionControls,
@@ -40,17 +40,17 @@ from .generation import (
     similarity_sources,
     speed_record,
 )
-from .images import load_image, pil_to_tensor, tensor_to_pil, working_copy
+from ..images import load_image, pil_to_tensor, tensor_to_pil, working_copy
+from ..lora import attach_lora, lora_parameter_groups, snapshot_lora
+from ..models import ModelCache
+from ..optimize import LoopSettings, Optimization, StepEvent
+from ..runs import check_run_dir, library_versions, prepare_run_dir
+from ..similarity import SimilarityLoss
+from ..sources import check_source
+from ..speed import CompileRecord
 from .inversion import Inversion, ReNoiseSettings, inversion_residual, invert
 from .labels import ClipLabeller, Label, user_label
-from .lora import attach_lora, lora_parameter_groups, snapshot_lora
 from .masks import ObjectFinder, ObjectMask, load_user_mask, square_crop
-from .models import ModelCache
-from .optimize import LoopSettings, Optimization, StepEvent
-from .runs import check_run_dir, library_versions, prepare_run_dir
-from .similarity import SimilarityLoss
-from .sources import check_source
-from .speed import CompileRecord
 
 PROMPT = "a photo of a {}"
 #: what the run directory holds besides generation's files

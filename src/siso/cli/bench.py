@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from .config import DEFAULT_DINO_MODEL, DEFAULT_EDITING_MODEL, DEFAULT_GENERATION_MODEL
+from ..config import DEFAULT_DINO_MODEL, DEFAULT_EDITING_MODEL, DEFAULT_GENERATION_MODEL
 
 _DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 _DEFAULT_CMMD = "openai/clip-vit-large-patch14-336"
@@ -75,16 +75,16 @@ def bench(
     """
     from rich.markup import escape
 
-    from .cli import _quiet_libraries, console
-    from .cli_shared import ir_model_option
-    from .errors import EXIT_FAILED_ITEMS, SisoError
-    from .eval.manifest import dreambench_items, read_manifest, select
-    from .eval.runner import run_bench
-    from .eval.settings import BenchSettings
+    from ..errors import EXIT_FAILED_ITEMS, SisoError
+    from ..eval.manifest import dreambench_items, read_manifest, select
+    from ..eval.runner import run_bench
+    from ..eval.settings import BenchSettings
+    from .options import ir_model_option
+    from .output import console, quiet_libraries
 
     if (manifest is None) == (dreambench is None):
         raise SisoError("Pass either a MANIFEST file or --dreambench PATH (not both).")
-    _quiet_libraries()
+    quiet_libraries()
     items = dreambench_items(dreambench) if dreambench is not None else read_manifest(manifest)
     wanted = [s.strip() for s in subjects.split(",") if s.strip()] if subjects else None
     if max_prompts is not None and max_prompts < 1:

@@ -9,7 +9,16 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from .cli_shared import (
+from ..config import (
+    DEFAULT_DETECTOR_MODEL,
+    DEFAULT_DINO_MODEL,
+    DEFAULT_EDITING_MODEL,
+    DEFAULT_LABEL_MODEL,
+    DEFAULT_SEGMENTER_MODEL,
+    EditConfig,
+)
+from .options import (
+    Compile,
     Device,
     DinoModel,
     Dtype,
@@ -17,31 +26,26 @@ from .cli_shared import (
     IrModel,
     LoraFormat,
     LoraRank,
+    LowMemory,
     MaxSteps,
     Overwrite,
     Resolution,
     Seed,
     Similarity,
-    StopSignals,
-    announce_device,
-    console,
-    exit_after_signal,
     ir_model_option,
     lora_formats,
+    split_similarity,
+)
+from .output import (
+    StopSignals,
+    announce_device,
+    announce_speed,
+    console,
+    exit_after_signal,
     print_summary,
     quiet_libraries,
     run_with_progress,
     similarity_hint,
-    split_similarity,
-)
-from .cli_speed import Compile, LowMemory, announce_speed
-from .config import (
-    DEFAULT_DETECTOR_MODEL,
-    DEFAULT_DINO_MODEL,
-    DEFAULT_EDITING_MODEL,
-    DEFAULT_LABEL_MODEL,
-    DEFAULT_SEGMENTER_MODEL,
-    EditConfig,
 )
 
 
@@ -94,7 +98,7 @@ def edit(
 
     Writes input.png, mask.png, reconstruction.png (the inverted scene rendered back), steps/, best.png, lora/.
     """
-    from .editing import run_edit
+    from ..editing import run_edit
 
     quiet_libraries()
     config = EditConfig(

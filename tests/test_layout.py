@@ -1,0 +1,100 @@
+"""The package's shape: no import cycle between siso's modules (lazy imports inside functions
+included), and the public names the README shows still where it says."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "siso"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the siso modules it imports, at the top or inside functions."""
+    modules = {module_name(path): path for path in SRC.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                module = ".".join(base + ([node.module] if node.module else []))
+                candidates = [module, *(f"{module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            else:
+                continue
+            targets |= {c for c in candidates if c in modules and c != name}
+        graph[name] = targets
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_siso_has_no_import_cycle():
+    graph = import_graph()
+    assert {"siso.cli", "siso.cli.generate", "siso.editing.session", "siso.eval.runner"} <= set(graph)
+    commands = [m for m in graph if m.startswith("siso.cli.") and m != "siso.cli.__main__"]  # __main__ runs it
+    assert "siso.cli" not in set().union(*(graph[m] for m in commands))
+    assert cycles(graph) == []
+
+
+def test_the_entry_point_imports_the_commands():
+    import siso.cli
+
+    names = {command.name for command in siso.cli.app.registered_commands}
+    assert names == {"generate", "render", "convert-ir", "app", "bench", "edit"}
+
+
+@pytest.mark.parametrize("name", ["generate", "optimize", "edit", "render", "run_generation", "run_edit",
+                                  "GenerateConfig", "EditConfig", "RenderConfig", "SisoError", "StepEvent"])
+def test_the_readmes_public_names(name):
+    import siso
+
+    assert getattr(siso, name) is not None
