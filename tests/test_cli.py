@@ -158,3 +158,11 @@ def test_help_names_each_backbones_defaults(run_siso, monkeypatch):
     for words in ("SD-Turbo, SDXL-Turbo, FLUX 2e-4; Sana 8e-4", "backbone's: 7; Sana 5", "backbone's: 1; Sana 20",
                   "backbone's: 1; Sana 3"):
         assert words in text, words
+
+
+def test_the_announced_device_names_the_gpu(monkeypatch):
+    from siso.devices import describe_device
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert describe_device(torch.device("cuda", 0)) == "cuda (NVIDIA H100 80GB HBM3)"
+    assert describe_device(torch.device("cpu")) == "cpu"

@@ -40,3 +40,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in _DTYPES.items()}.get(dtype, str(dtype))
+
+
+def describe_device(device: torch.device) -> str:
+    """The device as a person reads it: a GPU by its name."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type

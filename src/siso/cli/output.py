@@ -46,18 +46,14 @@ def quiet_libraries() -> None:
 def announce_device(device: str, dtype: str) -> None:
     """Say where the run computes before anything large is loaded (or downloaded); warn, not refuse, on the CPU."""
     from ..config import DEVICES, DTYPES
-    from ..devices import dtype_name, resolve_device, resolve_dtype
+    from ..devices import describe_device, dtype_name, resolve_device, resolve_dtype
 
     if device not in DEVICES or dtype not in DTYPES:
         return  # the run's config refuses these with the message that names the choices
     resolved = resolve_device(device)
     precision = dtype_name(resolve_dtype(dtype, resolved))
-    where = resolved.type
-    if resolved.type == "cuda":
-        import torch
-
-        where = f"cuda ({torch.cuda.get_device_name(resolved)})"
-    console.print(f"Device: {escape(where)}, dtype {precision} (frozen weights; the LoRA trains in fp32)")
+    console.print(f"Device: {escape(describe_device(resolved))}, dtype {precision} "
+                  "(frozen weights; the LoRA trains in fp32)")
     if resolved.type == "cpu":
         why = "PyTorch sees no CUDA or MPS GPU" if device == "auto" else "--device cpu"
         console.print(f"[yellow]Warning: running on the CPU ({why}). A full-size model takes minutes per "
