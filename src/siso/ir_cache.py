@@ -8,15 +8,14 @@ says so once.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .errors import SisoError
+from .user_cache import cache_dir
 
 #: ``--ir-model`` value meaning "the cached conversion if there is one, else no IR loss"
 IR_AUTO = "auto"
 KAGGLE_DATASET = "louieshao/guieweights0732"
-CACHE_ENV = "SISO_CACHE_DIR"
 IR_SUBDIR = "ir-guie-vit-h-14"
 
 GET_IR = (
@@ -26,15 +25,6 @@ GET_IR = (
 DINO_ONLY_NOTICE = (
     "Similarity: DINO only, not the paper's DINO + IR loss (no converted IR model in the cache). " + GET_IR
 )
-
-
-def cache_dir() -> Path:
-    """siso's cache: ``$SISO_CACHE_DIR``, else the platform's user cache directory (~/.cache/siso on Linux)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("siso", appauthor=False))
 
 
 def default_ir_dir() -> Path:

@@ -106,9 +106,10 @@ def check_run_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path 
 def prepare_run_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
     """Check, then create ``out`` with its ``steps/`` folder.
 
-    An earlier run that ``overwrite`` replaces goes whole: a fresh directory is moved into its place
-    and the old one deleted afterwards, so ``out`` is at every moment either the old run or the new
-    one, never a mixture (no stale step images or LoRA files of another subject).
+    An earlier run that ``overwrite`` replaces goes whole: the old directory is renamed aside, a fresh
+    one renamed into its place, and the old one deleted only then. ``out`` is never a mixture of two
+    runs (no stale step images or LoRA files of another subject); between the two renames it is briefly
+    absent, and a crash there leaves the old run complete beside it (POSIX has no directory swap).
     """
     out = check_run_dir(out, overwrite, inputs)
     if out.exists() and any(out.iterdir()):

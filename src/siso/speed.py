@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .errors import SisoError
-from .ir_cache import cache_dir
+from .user_cache import cache_dir
 
 COMPILE_CACHE_SUBDIR = "torch-compile"
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
@@ -57,7 +57,7 @@ class CompileRecord:
 
 
 def compile_cache_dir() -> Path:
-    """Where compiled code is kept: ``<siso's cache>/torch-compile`` (see :func:`siso.ir_cache.cache_dir`)."""
+    """Where compiled code is kept: ``<siso's cache>/torch-compile`` (see :func:`siso.user_cache.cache_dir`)."""
     return cache_dir() / COMPILE_CACHE_SUBDIR
 
 
