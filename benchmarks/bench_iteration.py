@@ -47,7 +47,7 @@ from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir  # noqa:
 
 from siso import speed  # noqa: E402
 from siso.backbones import StableDiffusionBackbone, StableDiffusionXLBackbone  # noqa: E402
-from siso.backbones.base import MemoryPlan  # noqa: E402
+from siso.backbones.memory import MemoryPlan  # noqa: E402
 from siso.config import GenerateConfig  # noqa: E402
 from siso.generation import prepare_generation  # noqa: E402
 from siso.models import ModelCache  # noqa: E402
@@ -59,7 +59,7 @@ class Setting:
     name: str
     dtype: torch.dtype
     train_text_encoder: bool | None  # None: the backbone's default (on for SDXL-Turbo, as the paper ran it)
-    memory: str = "plain"  # a siso.backbones.base.MEMORY_TIERS tier
+    memory: str = "plain"  # a siso.backbones.memory.MEMORY_TIERS tier
     compile_mode: str | None = None  # None: eager; "auto": what siso picks for the device
     #: compiled settings: "cold" (an empty compile cache), "warm" (what the cold setting left, for the same
     #: graphs) or "shared" (that cache, though these graphs differ: mostly a cold compile)
@@ -216,7 +216,7 @@ def compare_with_eager(session) -> dict:
     """One iteration compiled and eagerly at the same LoRA: how far image, loss and LoRA gradients differ
     (tests/test_speed.py asserts this on the CPU in fp32; here it is measured on the benchmark's device)."""
     optimization = session.optimization
-    modules = speed.iteration_modules(session.backbone, session.loss)
+    modules = speed.iteration_modules(session.backbone, session.similarity)
     calls = {name: module._compiled_call_impl for name, module in modules.items()}
 
     def one() -> tuple[torch.Tensor, float, list[torch.Tensor]]:

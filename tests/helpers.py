@@ -1,5 +1,5 @@
 """What many tests do the same way: a tiny run's config, the plain diffusers render a LoRA must
-reproduce, a recorder for a run's session and events, and the planted-subject experiment."""
+reproduce, a run iterated to its end with its session and events kept, and the planted-subject experiment."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from PIL import Image
 from siso.backbones import backbone_class_for
 from siso.config import GenerateConfig
 from siso.files import write_png
-from siso.generation import GenerateResult, prepare_generation, run_generation
+from siso.generation import prepare_generation, run_generation
 from siso.images import pil_to_tensor, tensor_to_pil
+from siso.run import RunResult
 
 PROMPT = "a photo of a dog"
 
@@ -42,22 +43,40 @@ def plain_render(model_dir, steps: int = 1, seed: int = 42, lora_dir=None, weigh
         return pipe(
             prompt, num_inference_steps=steps, guidance_scale=backbone_class.preset.guidance_scale,
             height=RESOLUTION, width=RESOLUTION, generator=torch.Generator("cpu").manual_seed(seed), output_type="pt",
-            **backbone_class.optimisation_pipeline_kwargs(),
+            **optimisation_pipeline_kwargs(backbone_class),
         ).images
 
 
+def weight_modules(backbone) -> dict[str, torch.nn.Module]:
+    """Every weight-holding component of a backbone's pipeline (what must stay frozen)."""
+    modules = {name: getattr(backbone.pipeline, name) for name in backbone.pipeline.components}
+    return {name: m for name, m in modules.items() if isinstance(m, torch.nn.Module)}
+
+
+def optimisation_pipeline_kwargs(backbone_class) -> dict:
+    """What a plain ``pipeline(...)`` call needs to render exactly what the optimisation rendered: the
+    backbone's own plain-call arguments and the preset's shorter prompt, where it shortens it."""
+    tokens = backbone_class.preset.prompt_max_tokens
+    return {**backbone_class.plain_pipeline_kwargs(), **({"max_sequence_length": tokens} if tokens else {})}
+
+
+@dataclasses.dataclass
 class Captured:
-    """Keeps a run's session and events, so tests can look at float tensors before PNG quantisation."""
+    """A run iterated to its end, as every surface iterates it (``run.steps()``), with its session and
+    its events kept, so tests can look at float tensors before PNG quantisation."""
 
-    def __init__(self) -> None:
-        self.session = None
-        self.events = []
+    result: RunResult
+    session: object
+    events: list
 
-    def on_session(self, session) -> None:
-        self.session = session
 
-    def on_step(self, event) -> None:
-        self.events.append(event)
+def run_captured(run) -> Captured:
+    """Iterate ``run`` (a ``siso.run.Run``) to its end, finish it and hand its backbone back."""
+    try:
+        events = list(run.steps())
+        return Captured(run.finish(), run.session, events)
+    finally:
+        run.close()
 
 
 def plant_subject(config: GenerateConfig, directory: Path) -> tuple[Path, torch.Tensor, torch.Tensor]:
@@ -75,7 +94,7 @@ def plant_subject(config: GenerateConfig, directory: Path) -> tuple[Path, torch.
     return target, planted, untouched
 
 
-def assert_planted_subject_recovered(config: GenerateConfig, directory: Path) -> GenerateResult:
+def assert_planted_subject_recovered(config: GenerateConfig, directory: Path) -> RunResult:
     """The loop, started from the untouched model, closes most of the gap to the planted subject."""
     target, planted, untouched = plant_subject(config, directory)
     result = run_generation(dataclasses.replace(config, subjects=(target,)), directory / "run")

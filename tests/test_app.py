@@ -80,7 +80,7 @@ def start_run(page, url: str, photo: Path, max_steps: int, patience: int) -> Non
                 raise
     page.click("text=Advanced settings")
     page.fill("#max-steps input", str(max_steps))
-    page.fill("#patience input", str(patience))
+    page.fill("#early-stop-patience input", str(patience))
     page.click("#start")
 
 

@@ -19,6 +19,7 @@ pytest.importorskip("torchmetrics")
 
 import tiny  # noqa: E402
 
+from siso.config import EditSettings, GenerateSettings  # noqa: E402
 from siso.errors import SisoError  # noqa: E402
 from siso.eval import runner as runner_module  # noqa: E402
 from siso.eval.executors import Outcome  # noqa: E402
@@ -52,7 +53,7 @@ def manifest(tmp_path_factory, dreambench) -> Path:
 def bench_args(manifest: Path, out: Path, sd_dir: Path, dino_dir: Path, eval_dirs: dict[str, Path], *extra: str):
     return ["bench", str(manifest), "--out", str(out), "--model", str(sd_dir), "--dino-model", str(dino_dir),
             "--clip-model", str(eval_dirs["clip"]), "--cmmd-model", str(eval_dirs["clip"]),
-            "--detector-model", str(eval_dirs["detector"]), "--fid-features", "dino", "--baseline", "plain",
+            "--crop-model", str(eval_dirs["detector"]), "--fid-features", "dino", "--baseline", "plain",
             "--max-steps", "2", "--render-steps", "1", "--resolution", str(RESOLUTION), "--device", "cpu", *extra]
 
 
@@ -150,7 +151,7 @@ def test_rerun_with_other_settings_is_refused(run_siso, monkeypatch, resumed_run
     args = bench_args(manifest, resumed_run["out"], sd_dir, dino_dir, eval_dirs)
     args[args.index("--max-steps") + 1] = "3"
     code, text = run_siso(*args)
-    assert code == 2 and "different settings" in text and "options.max_steps 2 -> 3" in " ".join(text.split())
+    assert code == 2 and "different settings" in text and "--max-steps 2 -> 3" in " ".join(text.split())
 
 
 def test_ray_executor_gives_the_local_results(run_siso, monkeypatch, tmp_path, resumed_run, manifest, sd_dir,
@@ -216,7 +217,7 @@ def test_failed_items_are_retried_once_then_recorded(monkeypatch, tmp_path, subj
             pass
 
     monkeypatch.setattr(runner_module, "make_executor", StandIn)
-    settings = BenchSettings(options={"device": "cpu"})
+    settings = BenchSettings(run=GenerateSettings(device="cpu"))
     report = run_bench(items, settings, tmp_path / "out")
     assert calls == ["fine", "flaky", "broken", "flaky", "broken"]
     assert report.done == ["fine", "flaky"] and report.failed == ["broken"]
@@ -308,7 +309,7 @@ def test_manifest_mistakes_are_reported(tmp_path, subject_photo):
     items = read_manifest(path)
     assert items[0].id == tmp_path.name  # the id defaults to the photo's folder
     with pytest.raises(SisoError, match="does not exist"):
-        run_bench(items, BenchSettings(options={"device": "cpu"}), tmp_path / "out")
+        run_bench(items, BenchSettings(run=GenerateSettings(device="cpu")), tmp_path / "out")
 
 
 def test_fid_default_needs_torch_fidelity(run_siso, monkeypatch, tmp_path, manifest):
@@ -348,10 +349,10 @@ def test_edit_benchmark_measures_the_background_outside_the_mask(monkeypatch, tm
     Image.fromarray(mask).save(tmp_path / "mask.png")
     item = BenchItem(id="dog-for-cat", class_name="dog", images=(subject_photo,),
                      scene=scene_photo, scene_class="cat", scene_mask=tmp_path / "mask.png")
-    settings = BenchSettings(task="edit", options={"model": str(sd_dir), "dino_model": str(dino_dir), "max_steps": 1,
-                                                   "resolution": RESOLUTION, "device": "cpu"},
+    settings = BenchSettings(task="edit", run=EditSettings(model=str(sd_dir), dino_model=str(dino_dir), max_steps=1,
+                                                           resolution=RESOLUTION, device="cpu"),
                              clip_model=str(eval_dirs["clip"]), cmmd_model=str(eval_dirs["clip"]),
-                             detector_model=str(eval_dirs["detector"]), fid_features="dino")
+                             crop_model=str(eval_dirs["detector"]), fid_features="dino")
     out = tmp_path / "out"
     report = run_bench([item], settings, out)
     assert report.done == ["dog-for-cat"]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,8 +32,12 @@ def test_tiny_benchmark_runs_and_reports(tmp_path):
     assert settings == {(b, s) for b in ("sd-turbo", "sdxl-turbo") for s in eager} | {
         ("sd-turbo", "compiled-cold"), ("sd-turbo", "compiled-warm")}
     by_setting = {(r["backbone"], r["setting"].split(" ")[0]): r for r in report["results"]}
-    for (_, setting), result in by_setting.items():
-        assert result["speedup_vs_naive"] > 0 if setting != "naive" else "speedup_vs_naive" not in result
+    for (backbone, setting), result in by_setting.items():
+        if setting == "naive":
+            assert "speedup_vs_naive" not in result
+        else:  # the ratio is the two medians' (not a number made up beside them)
+            naive = by_setting[backbone, "naive"]["median_seconds_per_iteration"]
+            assert result["speedup_vs_naive"] == pytest.approx(naive / result["median_seconds_per_iteration"])
         compiled = setting.startswith("compiled")
         assert result["compile"]["enabled"] is compiled
         assert (result["tflop_per_iteration"] > 0) if not compiled else result["tflop_per_iteration"] is None

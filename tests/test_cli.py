@@ -150,14 +150,27 @@ def test_auto_device_without_a_gpu_says_so_before_loading(run_siso, monkeypatch,
     assert text.index("Warning: running on the CPU") < text.index("Error:")
 
 
-def test_help_names_each_backbones_defaults(run_siso, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "300")
-    code, text = run_siso("generate", "--help")
-    assert code == 0
-    text = " ".join(text.split())
-    for words in ("SD-Turbo, SDXL-Turbo, FLUX 2e-4; Sana 8e-4", "backbone's: 7; Sana 5", "backbone's: 1; Sana 20",
-                  "backbone's: 1; Sana 3"):
-        assert words in text, words
+def test_help_states_each_familys_default_from_its_preset():
+    """Every knob a backbone's preset fills says, in --help, what each family's preset holds (read from
+    the presets, not typed a second time; tests/test_one_declaration.py changes one and watches it)."""
+    from test_fidelity import option_help, per_family_defaults
+
+    from siso.config import GenerateConfig
+    from siso.knobs import knobs, show
+    from siso.presets import PRESETS
+
+    helps = option_help("generate")
+    checked = 0
+    for spec in knobs(GenerateConfig).values():
+        if spec.preset is None or not spec.cli:
+            continue
+        shown = per_family_defaults(helps[spec.option])
+        for preset in PRESETS.values():
+            value = getattr(preset, spec.preset)
+            expected = f"as {knobs(GenerateConfig)[spec.fallback].option}" if value is None else show(value)
+            assert shown[preset.title] == expected, (spec.option, preset.title)
+            checked += 1
+    assert checked >= 9 * len(PRESETS)
 
 
 def test_the_announced_device_names_the_gpu(monkeypatch):

@@ -11,13 +11,13 @@ import tiny
 import torch
 from conftest import RESOLUTION
 from diffusers import DiffusionPipeline
-from helpers import Captured
+from helpers import run_captured
 from PIL import Image
 
 from siso.config import EditConfig, GenerateConfig
-from siso.editing import background_mse, run_edit
+from siso.editing import background_mse, run_edit, start_edit
 from siso.editing.masks import square_crop
-from siso.generation import run_generation
+from siso.generation import start_generation
 from siso.images import load_image, pil_to_tensor, tensor_to_pil
 from siso.models import ModelCache
 
@@ -75,12 +75,11 @@ def edit_config(photos, model_dir, dino_dir, **options) -> EditConfig:
 @pytest.fixture(scope="module")
 def planted_edit(photos, sd_dir, dino_dir, planted_mask, tmp_path_factory):
     """An SD edit with the user's classes and mask, a weighty background loss and a cached backbone."""
-    captured, cache = Captured(), ModelCache()
+    cache = ModelCache()
     config = edit_config(photos, sd_dir, dino_dir, subject_class="dog", input_class="cat", mask=planted_mask,
                          max_steps=8, learning_rate=2e-2, early_stop_patience=8)
-    result = run_edit(config, tmp_path_factory.mktemp("edit") / "run", on_step=captured.on_step,
-                      on_session=captured.on_session, cache=cache)
-    return result, captured, cache
+    captured = run_captured(start_edit(config, tmp_path_factory.mktemp("edit") / "run", cache=cache))
+    return captured.result, captured, cache
 
 
 def test_edit_run_directory(planted_edit, scene_photo):
@@ -96,9 +95,10 @@ def test_edit_run_directory(planted_edit, scene_photo):
     scene = square_crop(load_image(scene_photo), RESOLUTION)
     assert np.array_equal(np.asarray(Image.open(out / "input.png")), np.asarray(scene))
     mask = np.asarray(Image.open(out / "mask.png")) > 127
-    assert np.array_equal(mask, result.mask[0, 0].numpy() > 0.5) and mask[8:24, 8:24].all() and mask.sum() == 256
+    assert np.array_equal(mask, result.task.mask.mask[0, 0].numpy() > 0.5) and mask[8:24, 8:24].all()
+    assert mask.sum() == 256
     assert torch.equal(pil_to_tensor(Image.open(out / "reconstruction.png")),
-                       pil_to_tensor(tensor_to_pil(captured.session.reconstruction)))
+                       pil_to_tensor(tensor_to_pil(result.task.reconstruction)))
     assert record["task"] == "edit"
     assert record["labels"] == {"subject": {"text": "dog", "source": "user"},
                                 "input": {"text": "cat", "source": "user"}}
@@ -107,7 +107,7 @@ def test_edit_run_directory(planted_edit, scene_photo):
     inversion = record["inversion"]
     assert inversion["sampler"] == "ddim" and inversion["timesteps"] == [749, 499, 249]
     assert inversion["renoise"]["renoise_steps"] == 9 and inversion["renoise"]["lambda_ac"] == 0.0
-    assert inversion["residual"] == pytest.approx(result.inversion_residual, abs=1e-6)
+    assert inversion["residual"] == pytest.approx(result.task.residual, abs=1e-6)
     assert record["config"]["bg_weight"] == 10.0 and record["config"]["strength"] == 0.75
     assert record["guidance_scale"] == 1.0
     for entry in record["losses"]:
@@ -125,7 +125,7 @@ def test_background_loss_brings_the_background_back(planted_edit):
     bg = [entry["bg"] for entry in record["losses"]]
     assert record["best_step"] > 0 and bg[record["best_step"]] < 0.98 * bg[0], bg
     scene = pil_to_tensor(Image.open(result.run_dir / "input.png"))
-    background = 1 - result.mask
+    background = 1 - result.task.mask.mask
 
     def error(path):
         return float(background_mse(pil_to_tensor(Image.open(path)), scene, background))
@@ -139,10 +139,9 @@ def test_a_cached_backbone_comes_out_of_an_edit_untouched(planted_edit, sd_dir, 
     """Editing swaps in its own sampler for each render; a later generation on the same cached model
     must still sample exactly what the plain pipeline does."""
     _, _, cache = planted_edit
-    captured = Captured()
     config = GenerateConfig(subjects=(subject_photo,), prompt="a photo of a dog", model=str(sd_dir),
                             dino_model=str(dino_dir), resolution=RESOLUTION, device="cpu", max_steps=1)
-    run_generation(config, tmp_path / "run", cache=cache, on_step=captured.on_step)
+    captured = run_captured(start_generation(config, tmp_path / "run", cache=cache))
     pipe = DiffusionPipeline.from_pretrained(sd_dir)
     pipe.set_progress_bar_config(disable=True)
     plain = pipe("a photo of a dog", num_inference_steps=1, guidance_scale=0.0, height=RESOLUTION, width=RESOLUTION,
@@ -150,6 +149,7 @@ def test_a_cached_backbone_comes_out_of_an_edit_untouched(planted_edit, sd_dir, 
     assert (captured.events[0].image - plain).abs().max().item() <= 1e-5
 
 
+@pytest.mark.fidelity("edit.ancestral_noise")
 def test_sdxl_edit_inverts_with_euler_ancestral(photos, sdxl_dir, dino_dir, planted_mask, tmp_path):
     config = edit_config(photos, sdxl_dir, dino_dir, subject_class="dog", input_class="cat", mask=planted_mask,
                          max_steps=2)
@@ -293,4 +293,4 @@ def test_an_edit_takes_the_speed_settings(photos, sd_dir, dino_dir, planted_mask
     assert all(speed.is_compiled(m) for m in modules.values())
     record = session.record()
     assert record["memory"]["reason"] == "--low-memory" and record["compile"]["enabled"] is True
-    assert torch.equal(session.reconstruction, plain.reconstruction)
+    assert torch.equal(session.task.reconstruction, plain.task.reconstruction)

@@ -171,7 +171,11 @@ def test_real_embedders_plug_in(dino_dir, ir_dir, clip_dir):
     for metric in (DINOScore.from_pretrained(str(dino_dir)), IRScore.from_pretrained(str(ir_dir)),
                    CLIPIScore.from_pretrained(str(clip_dir))):
         scores = metric.score(images, subject)
-        assert scores.shape == (2,) and torch.all(scores.abs() <= 1 + 1e-5)
+        # The cosine of the two embeddings, by hand: dot product over the norms' product.
+        made, photo = metric.embedder.embed(images).double(), metric.embedder.embed(subject).double()[0]
+        by_hand = (made @ photo) / (made.norm(dim=1) * photo.norm())
+        assert scores.shape == (2,) and torch.allclose(scores.double(), by_hand, atol=1e-5)
+        assert not torch.allclose(by_hand.abs(), torch.ones(2, dtype=torch.float64))  # not trivially 1
         assert metric.score(subject, subject).item() == pytest.approx(1.0, abs=1e-5)
         # Crops of different sizes are embedded in one batch, as if one by one.
         crops = [images[:1, :, :30, :20], images[1:, :, 5:, :], subject]
@@ -189,7 +193,7 @@ def test_grounding_dino_cropper_on_a_tiny_detector(tmp_path):
     strict = GroundingDinoCropper.from_pretrained(str(directory), box_threshold=1.01)
     assert torch.equal(strict(images, ["dog", "cat"]), torch.tensor([[0.0, 0.0, 48.0, 40.0]] * 2))
     assert strict.misses == 2  # nothing found: the whole image is compared
-    with pytest.raises(SisoError, match="detector-model"):
+    with pytest.raises(SisoError, match="--crop-model"):
         GroundingDinoCropper.from_pretrained(str(tmp_path / "missing"))
 
 

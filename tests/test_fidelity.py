@@ -1,9 +1,11 @@
-"""The paper's method by default: every value of docs/fidelity.md's siso column is what the code does.
+"""The paper's method by default: every value of docs/fidelity.md's siso column is what siso does.
 
-Config and preset values are compared with the code directly; the rows that describe behaviour name
-the tests that check it. Then the behaviours this table promises that no other test covers: the
-edit's gradient through its last step only, FLUX's LoRA targets and optimiser groups, the prompt
-length, and ``--ir-model auto``.
+A knob's row is checked three ways: against its declaration (``siso.config``, ``siso.presets``),
+against the default the command line's ``--help`` shows, and against what a run that leaves the flag
+out records in run.json. A behaviour's row has no value in the code: a test marked
+``@pytest.mark.fidelity("row")`` checks it, and every such row must have one. Then the behaviours this
+table promises that no other test covers: the edit's gradient through its last step only, FLUX's LoRA
+targets and optimiser groups, the prompt length, the LoRA's initialisation and ``--ir-model auto``.
 """
 
 from __future__ import annotations
@@ -23,27 +25,15 @@ from conftest import RESOLUTION
 from siso.backbones import load_backbone
 from siso.backbones.flux import FluxBackbone
 from siso.backbones.sana import SanaBackbone
-from siso.backbones.stable_diffusion import StableDiffusionBackbone
 from siso.backbones.stable_diffusion_xl import StableDiffusionXLBackbone
-from siso.config import BackbonePreset, EditConfig, GenerateConfig
+from siso.config import EditConfig, GenerateConfig
+from siso.knobs import knobs, show
+from siso.presets import PRESETS, BackbonePreset
 
 ROOT = Path(__file__).resolve().parents[1]
 FIDELITY = ROOT / "docs" / "fidelity.md"
-BACKBONES = {"sd-turbo": StableDiffusionBackbone, "sdxl-turbo": StableDiffusionXLBackbone,
-             "flux-schnell": FluxBackbone, "sana": SanaBackbone}
-#: rows that describe behaviour rather than a config value, and the tests that check that behaviour
-BEHAVIOUR_TESTS = {
-    "loop.reported_loss": ("test_similarity.py", "test_loss_is_the_weighted_sum_of_mean_cosine_distances"),
-    "loop.early_stopping_loss": ("test_optimize.py", "test_early_stopping_stops_exactly_where_the_reference_stops"),
-    "loop.early_stopping_rule": ("test_optimize.py", "test_early_stopping_is_the_reference_rule_step_by_step"),
-    "edit.mask_rule": ("test_masks_labels.py",
-                       "test_the_mask_is_the_union_of_sams_candidates_with_the_largest_region_filled"),
-    "result.saved_image": ("test_generation.py", "test_run_directory_contract"),
-    "result.saved_lora": ("test_generation.py", "test_lora_round_trip_through_plain_diffusers"),
-    "preprocess.antialias": ("test_similarity.py", "test_preprocessing_follows_the_eval_recipe"),
-    "edit.inversion_latents": ("test_inversion.py", "test_inverse_step_undoes_step"),
-    "edit.ancestral_noise": ("test_editing.py", "test_sdxl_edit_inverts_with_euler_ancestral"),
-}
+SCOPES = {"generate": GenerateConfig, "edit": EditConfig}
+PRESET_FIELDS = {f.name for f in dataclasses.fields(BackbonePreset)}
 
 
 def fidelity_rows() -> dict[str, object]:
@@ -59,60 +49,194 @@ def fidelity_rows() -> dict[str, object]:
     return rows
 
 
-def field_default(config_class, name: str):
-    field = {f.name: f for f in dataclasses.fields(config_class)}[name]
-    return field.default
+def marked_tests() -> dict[str, list[str]]:
+    """row -> the tests marked ``@pytest.mark.fidelity(row)`` whose body asserts something and that
+    are not skipped (read from the test files, so it holds whichever tests a run selects)."""
+    found: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef) or not node.name.startswith("test_"):
+                continue
+            decorators = [ast.unparse(d) for d in node.decorator_list]
+            if any("mark.skip" in d for d in decorators):
+                continue
+            checks = any(isinstance(n, ast.Assert) or (isinstance(n, ast.Call) and "assert" in ast.unparse(n.func))
+                         or (isinstance(n, ast.With) and "raises" in ast.unparse(n)) for n in ast.walk(node))
+            for decorator in node.decorator_list:
+                if (isinstance(decorator, ast.Call) and ast.unparse(decorator.func).endswith("mark.fidelity")
+                        and checks):
+                    row = ast.literal_eval(decorator.args[0])
+                    found.setdefault(row, []).append(f"{path.name}::{node.name}")
+    return found
 
 
-def code_value(knob: str):
-    scope, name = knob.split(".", 1)
-    if scope == "generate":
-        return field_default(GenerateConfig, name)
-    if scope == "edit":
-        return field_default(EditConfig, name)
-    backbone = BACKBONES[scope]
-    if name in {f.name for f in dataclasses.fields(BackbonePreset)}:
-        return getattr(backbone.preset, name)
-    return getattr(backbone, name)
+ROWS = fidelity_rows()
+MARKED = marked_tests()
+
+
+def is_knob_row(row: str) -> bool:
+    scope, name = row.split(".", 1)
+    if scope in SCOPES:
+        return name in knobs(SCOPES[scope])
+    return scope in PRESETS and name in PRESET_FIELDS
+
+
+def code_value(row: str):
+    scope, name = row.split(".", 1)
+    if scope in SCOPES:
+        return knobs(SCOPES[scope])[name].default
+    return getattr(PRESETS[scope], name)
+
+
+KNOB_ROWS = sorted(row for row in ROWS if is_knob_row(row))
 
 
 def test_the_fidelity_table_is_read_whole():
-    rows = fidelity_rows()
-    assert len(rows) > 80
-    for backbone in BACKBONES:
-        assert f"{backbone}.learning_rate" in rows and f"{backbone}.train_text_encoder" in rows
+    assert len(ROWS) > 80
+    for family in PRESETS:
+        assert f"{family}.learning_rate" in ROWS and f"{family}.train_text_encoder" in ROWS
 
 
-@pytest.mark.parametrize("knob", [k for k in fidelity_rows() if k not in BEHAVIOUR_TESTS
-                                  and k.split(".")[0] in ("generate", "edit", *BACKBONES)])
-def test_every_default_is_what_docs_fidelity_says(knob):
-    assert code_value(knob) == fidelity_rows()[knob], f"{knob}: docs/fidelity.md and the code disagree"
+def test_every_row_is_a_knob_or_a_marked_behaviour():
+    for row in ROWS:
+        assert is_knob_row(row) or MARKED.get(row), (
+            f"{row}: a row is a knob of siso.config / siso.presets, or a behaviour with a marked test")
+    assert set(MARKED) <= set(ROWS), f"tests marked for rows docs/fidelity.md does not have: {set(MARKED) - set(ROWS)}"
 
 
-@pytest.mark.parametrize("knob", sorted(BEHAVIOUR_TESTS))
-def test_every_described_behaviour_has_its_test(knob):
-    assert knob in fidelity_rows()
-    file, name = BEHAVIOUR_TESTS[knob]
-    assert re.search(rf"^def {name}\(", (ROOT / "tests" / file).read_text(), re.MULTILINE), f"{file}::{name}"
+def test_the_marker_finder_needs_an_assertion(tmp_path):
+    """What makes a marked test count: an assertion in its body, and no skip."""
+    source = ('import pytest\n@pytest.mark.fidelity("a.b")\ndef test_x():\n    assert 1\n'
+              '@pytest.mark.fidelity("c.d")\ndef test_y():\n    pass\n'
+              '@pytest.mark.skip\n@pytest.mark.fidelity("e.f")\ndef test_z():\n    assert 1\n')
+    names = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef):
+            names.append((node.name, any(isinstance(n, ast.Assert) for n in ast.walk(node)),
+                          any("mark.skip" in ast.unparse(d) for d in node.decorator_list)))
+    assert names == [("test_x", True, False), ("test_y", False, False), ("test_z", True, True)]
 
 
-def test_no_row_is_left_unchecked():
-    checked = set(BEHAVIOUR_TESTS) | {k for k in fidelity_rows() if k.split(".")[0] in ("generate", "edit", *BACKBONES)}
-    assert set(fidelity_rows()) <= checked
+@pytest.mark.parametrize("row", KNOB_ROWS)
+def test_every_declared_default_is_what_docs_fidelity_says(row):
+    assert code_value(row) == ROWS[row], f"{row}: docs/fidelity.md and the declaration disagree"
+
+
+def option_help(command: str) -> dict[str, str]:
+    """option name (``--lr``) -> its help text, as ``siso COMMAND --help`` has it."""
+    import typer
+
+    from siso.cli import app
+
+    click_command = typer.main.get_command(app).commands[command]
+    return {opt: (p.help or "").replace("\\[", "[") for p in click_command.params for opt in p.opts}
+
+
+def shown_default(help_text: str) -> str:
+    match = re.search(r"\[default: (.*)\]\s*$", help_text)
+    assert match, help_text
+    return match.group(1)
+
+
+def per_family_defaults(help_text: str) -> dict[str, str]:
+    """``the backbone's: SD-Turbo, SDXL-Turbo 2e-4; Sana 8e-4`` -> {title: value}."""
+    text = shown_default(help_text)
+    assert text.startswith("the backbone's: "), text
+    titles = {preset.title for preset in PRESETS.values()}
+    values = {}
+    for group in text.removeprefix("the backbone's: ").split("; "):
+        named = []
+        while True:
+            title = next((t for t in titles if group.startswith(t)), None)
+            if title is None:
+                break
+            named.append(title)
+            group = group[len(title):].removeprefix(",").lstrip()
+        values.update({title: group for title in named})
+    return values
+
+
+@pytest.mark.parametrize("row", [row for row in KNOB_ROWS if row.split(".")[0] in SCOPES])
+def test_the_help_shows_the_documented_default(row):
+    scope, name = row.split(".", 1)
+    spec = knobs(SCOPES[scope])[name]
+    if not spec.cli:
+        return
+    help_text = option_help(scope)[spec.option]
+    expected = "unset" if ROWS[row] is None and spec.preset is None else show(ROWS[row])
+    if ROWS[row] is None and spec.preset is not None:
+        return  # the per-family rows below check what "the backbone's" says
+    assert shown_default(help_text) == expected
+
+
+@pytest.mark.parametrize("row", [row for row in KNOB_ROWS if row.split(".")[0] in PRESETS])
+def test_the_help_shows_each_familys_documented_default(row):
+    family, name = row.split(".", 1)
+    specs = [spec for spec in knobs(GenerateConfig).values() if spec.preset == name and spec.cli]
+    if not specs:
+        return  # a preset value no knob takes (guidance, LoRA targets): only the declaration check applies
+    help_text = option_help("generate")[specs[0].option]
+    shown = per_family_defaults(help_text)[PRESETS[family].title]
+    if ROWS[row] is None and specs[0].fallback:
+        assert shown.startswith("as --")
+    else:
+        assert shown == show(ROWS[row])
+
+
+def test_a_run_without_flags_records_the_documented_defaults(run_siso, sd_dir, dino_dir, subject_photo, scene_photo,
+                                                             tmp_path):
+    """What `siso generate` and `siso edit` record when every knob is left out but the ones a tiny run
+    on this machine needs: each documented default, and for SD-Turbo's family its preset's values."""
+    from PIL import Image
+
+    needed = {"model": sd_dir, "dino_model": dino_dir, "resolution": RESOLUTION, "device": "cpu"}
+    flags = [item for name, value in needed.items() for item in (f"--{name.replace('_', '-')}", value)]
+    code, text = run_siso("generate", "--subject", subject_photo, "--prompt", "a photo of a dog",
+                          "--out", tmp_path / "gen", *flags)
+    assert code == 0, text
+    generated = json.loads((tmp_path / "gen" / "run.json").read_text())
+    mask = tmp_path / "mask.png"
+    width, height = Image.open(scene_photo).size
+    picture = Image.new("L", (width, height), 0)
+    picture.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
+    picture.save(mask)
+    code, text = run_siso("edit", "--subject", subject_photo, "--input", scene_photo, "--subject-class", "dog",
+                          "--input-class", "cat", "--mask", mask, "--out", tmp_path / "edit", *flags)
+    assert code == 0, text
+    edited = json.loads((tmp_path / "edit" / "run.json").read_text())
+    resolved_at_run = {"ir_model", "similarity"}  # "auto" and None become what was found: see the IR tests
+    records = {"generate": generated, "edit": edited}
+    checked = 0
+    for row in KNOB_ROWS:
+        scope, name = row.split(".", 1)
+        if scope in SCOPES and name not in needed and name not in resolved_at_run:
+            spec = knobs(SCOPES[scope])[name]
+            if spec.preset is None:
+                recorded = records[scope]["config"][name]
+                assert recorded == (list(ROWS[row]) if isinstance(ROWS[row], tuple) else ROWS[row]), row
+                checked += 1
+        elif scope == "sd-turbo":
+            value = list(ROWS[row]) if isinstance(ROWS[row], tuple) else ROWS[row]
+            assert generated["preset"][name] == value, row
+            for spec in knobs(GenerateConfig).values():
+                if spec.preset == name and value is not None:
+                    assert generated["config"][spec.name] == value, (row, spec.name)
+            checked += 1
+    assert checked > 30  # the documented defaults are what runs, not a handful of them
 
 
 def test_the_presets_resolve_into_the_run_config():
     """What a run records is the preset's value where the user gave none, the user's where given."""
-    flux = GenerateConfig(subjects=("a.jpg",), prompt="p").resolved(FluxBackbone.preset)
+    flux = GenerateConfig(subjects=("a.jpg",), prompt="p", ir_model=None).resolved(FluxBackbone.preset)
     assert (flux.learning_rate, flux.adam_weight_decay, flux.train_text_encoder) == (2e-4, 1e-4, True)
     assert (flux.text_encoder_learning_rate, flux.text_encoder_weight_decay) == (5e-6, 1e-3)
-    sdxl = GenerateConfig(subjects=("a.jpg",), prompt="p").resolved(StableDiffusionXLBackbone.preset)
+    sdxl = GenerateConfig(subjects=("a.jpg",), prompt="p", ir_model=None).resolved(StableDiffusionXLBackbone.preset)
     assert sdxl.train_text_encoder and (sdxl.text_encoder_learning_rate, sdxl.text_encoder_weight_decay) == (2e-4, 1e-2)
     own = GenerateConfig(subjects=("a.jpg",), prompt="p", learning_rate=1e-3, train_text_encoder=False,
-                         adam_weight_decay=0.0).resolved(StableDiffusionXLBackbone.preset)
+                         adam_weight_decay=0.0, ir_model=None).resolved(StableDiffusionXLBackbone.preset)
     assert (own.learning_rate, own.train_text_encoder, own.adam_weight_decay) == (1e-3, False, 0.0)
     assert own.text_encoder_learning_rate == 1e-3  # follows the user's --lr where no preset value exists
-    sana = GenerateConfig(subjects=("a.jpg",), prompt="p").resolved(SanaBackbone.preset)
+    sana = GenerateConfig(subjects=("a.jpg",), prompt="p", ir_model=None).resolved(SanaBackbone.preset)
     assert (sana.learning_rate, sana.adam_weight_decay, sana.denoise_steps, sana.grad_steps) == (8e-4, 1e-4, 20, 3)
     assert sana.early_stop_patience == 5 and not sana.train_text_encoder
 
@@ -120,6 +244,30 @@ def test_the_presets_resolve_into_the_run_config():
 # -- behaviour --------------------------------------------------------------------------------------
 
 
+@pytest.mark.fidelity("generate.lora_init")
+def test_the_lora_starts_from_the_seed_whatever_ran_before(sd_dir):
+    """A is drawn from --seed without touching the global RNG (so what ran before cannot change it, and
+    it cannot change what runs after); B starts at zero, so the first render is the untouched model's."""
+    from siso.lora import attach_lora
+
+    def first_a(seed: int, noise_before: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        backbone = load_backbone(str(sd_dir), torch.device("cpu"), torch.float32)
+        torch.manual_seed(1234)
+        torch.randn(noise_before)  # whatever else used the global RNG first
+        state = torch.random.get_rng_state()
+        adapter = attach_lora(backbone, rank=4, train_text_encoder=False, seed=seed)
+        assert torch.equal(torch.random.get_rng_state(), state), "attaching the LoRA moved the global RNG"
+        pair = next(iter(adapter.parameters["unet"].values()))
+        return pair["A"].detach().clone(), pair["B"].detach().clone(), state
+
+    a, b, _ = first_a(42, noise_before=3)
+    again, _, _ = first_a(42, noise_before=1000)
+    other, _, _ = first_a(7, noise_before=3)
+    assert torch.equal(a, again) and not torch.equal(a, other)
+    assert torch.count_nonzero(b) == 0 and a.std() > 0
+
+
+@pytest.mark.fidelity("edit.grad_steps")
 def test_an_edit_differentiates_its_last_step_only(sd_dir, dino_dir, subject_photo, tmp_path):
     """The edit re-runs 3 steps with the LoRA; only the last one is in autograd (the reference's
     ``set_grad_enabled(i == last)``), and the earlier steps' outputs carry no graph."""
@@ -148,6 +296,7 @@ def test_an_edit_differentiates_its_last_step_only(sd_dir, dino_dir, subject_pho
     assert session.config.grad_steps == 1
 
 
+@pytest.mark.fidelity("loop.clipped_parameters")
 def test_flux_trains_its_feed_forward_layers_and_its_text_encoder_in_its_own_group(flux_dir, dino_dir, subject_photo):
     from siso.generation import prepare_generation
 
@@ -165,6 +314,13 @@ def test_flux_trains_its_feed_forward_layers_and_its_text_encoder_in_its_own_gro
     assert (text_group["lr"], text_group["weight_decay"]) == (5e-6, 1e-3)
     text_ids = {id(p) for p in session.backbone.pipeline.text_encoder.parameters() if p.requires_grad}
     assert {id(p) for p in text_group["params"]} == text_ids
+    # Nothing outside the optimiser trains (the reference also sets CLIP's embedding tables trainable,
+    # never stepping them), so what the loop clips is the LoRA only.
+    trainable = {id(p) for module in (transformer, session.backbone.pipeline.text_encoder)
+                 for p in module.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in session.optimization.parameters}
+    embeddings = session.backbone.pipeline.text_encoder.get_input_embeddings()
+    assert not embeddings.weight.requires_grad
     list(session)
     optimizer = session.optimization._optimizer
     assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(2e-4, 1e-4), (5e-6, 1e-3)]
@@ -177,7 +333,7 @@ def test_flux_optimises_with_256_t5_tokens(flux_dir):
     backbone._t5_cache = None
     backbone.encode_prompt("a photo of a dog", RESOLUTION)
     assert seen == [256]
-    assert FluxBackbone.optimisation_pipeline_kwargs() == {"max_sequence_length": 256}
+    assert FluxBackbone.preset.prompt_max_tokens == 256
 
 
 def test_sana_optimises_with_256_gemma_tokens(sana_dir):

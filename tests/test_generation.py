@@ -8,12 +8,19 @@ import json
 import pytest
 import torch
 from conftest import RESOLUTION
-from helpers import PROMPT, Captured, assert_planted_subject_recovered, plain_render, tiny_config
+from helpers import (
+    PROMPT,
+    assert_planted_subject_recovered,
+    plain_render,
+    run_captured,
+    tiny_config,
+    weight_modules,
+)
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from siso.generation import prepare_generation, run_generation
+from siso.generation import prepare_generation, run_generation, start_generation
 from siso.images import pil_to_tensor, tensor_to_pil
 from siso.lora import KOHYA_WEIGHT_NAME
 
@@ -22,12 +29,12 @@ from siso.lora import KOHYA_WEIGHT_NAME
 def finished_run(request, sd_dir, sdxl_dir, dino_dir, ir_dir, subject_photo, tmp_path_factory):
     model_dir = {"sd": sd_dir, "sdxl": sdxl_dir}[request.param]
     config = tiny_config(model_dir, subject_photo, dino_dir, ir_model=str(ir_dir))  # default lora formats
-    captured = Captured()
     out = tmp_path_factory.mktemp(f"run-{request.param}") / "run"
-    result = run_generation(config, out, on_step=captured.on_step, on_session=captured.on_session)
-    return model_dir, result, captured
+    captured = run_captured(start_generation(config, out))
+    return model_dir, captured.result, captured
 
 
+@pytest.mark.fidelity("result.saved_image")
 def test_run_directory_contract(finished_run):
     _, result, captured = finished_run
     out = result.run_dir
@@ -56,6 +63,7 @@ def test_run_directory_contract(finished_run):
     assert len(captured.events) == len(totals)
 
 
+@pytest.mark.fidelity("result.saved_lora")
 def test_lora_round_trip_through_plain_diffusers(finished_run):
     model_dir, result, captured = finished_run
     best = captured.session.optimization.best_image
@@ -84,13 +92,13 @@ def test_gradients_reach_the_lora_only(sd_dir, dino_dir, subject_photo):
     lora_ids = {id(p) for p in session.optimization.parameters}
     frozen = {
         f"{name}.{key}": value.detach().clone()
-        for name, module in session.backbone.frozen_modules.items()
+        for name, module in weight_modules(session.backbone).items()
         for key, value in module.state_dict().items()
         if "lora_" not in key
     }
     frozen.update({f"loss.{k}": v.detach().clone() for k, v in session.loss.state_dict().items()})
     trainable = [
-        p for module in [*session.backbone.frozen_modules.values(), session.loss] for p in module.parameters()
+        p for module in [*weight_modules(session.backbone).values(), session.loss] for p in module.parameters()
         if p.requires_grad
     ]
     assert trainable and all(id(p) in lora_ids for p in trainable)
@@ -100,7 +108,7 @@ def test_gradients_reach_the_lora_only(sd_dir, dino_dir, subject_photo):
     assert all(p.grad is None or id(p) in lora_ids for p in session.loss.parameters())
     after = {
         f"{name}.{key}": value
-        for name, module in session.backbone.frozen_modules.items()
+        for name, module in weight_modules(session.backbone).items()
         for key, value in module.state_dict().items()
         if "lora_" not in key
     }
@@ -124,9 +132,8 @@ def test_text_encoder_lora_round_trip(name, sd_dir, sdxl_dir, dino_dir, subject_
     the files' ``text_model.`` level is stripped again for the flattened CLIPTextModel)."""
     model_dir = {"sd": sd_dir, "sdxl": sdxl_dir}[name]
     config = tiny_config(model_dir, subject_photo, dino_dir, train_text_encoder=True, max_steps=4)
-    captured = Captured()
-    result = run_generation(config, tmp_path / "run", on_session=captured.on_session)
-    best = captured.session.optimization.best_image
+    captured = run_captured(start_generation(config, tmp_path / "run"))
+    result, best = captured.result, captured.session.optimization.best_image
     assert result.best_step > 0, "the LoRA must have moved for this test to mean something"
     state = load_file(result.lora_dir / "pytorch_lora_weights.safetensors")
     encoders = {"sd": {"text_encoder"}, "sdxl": {"text_encoder", "text_encoder_2"}}[name]
@@ -152,7 +159,7 @@ def test_kohya_alpha_comes_from_the_adapter_config(sd_dir, tmp_path):
     backbone = load_backbone(str(sd_dir), torch.device("cpu"), torch.float32)
     for name in ("unet", "text_encoder"):
         model = getattr(backbone.pipeline, name)
-        targets = list(backbone.lora_targets if name == "unet" else backbone.text_encoder_lora_targets)
+        targets = list(backbone.preset.lora_targets if name == "unet" else backbone.preset.text_encoder_lora_targets)
         config = LoraConfig(r=2, lora_alpha=4, init_lora_weights="gaussian", target_modules=targets)
         inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     generator = torch.Generator().manual_seed(0)
@@ -200,9 +207,9 @@ def test_a_cached_backbone_starts_each_run_from_the_untouched_model(sd_dir, dino
     first = run_generation(tiny_config(sd_dir, subject_photo, dino_dir, max_steps=3, train_text_encoder=True),
                            tmp_path / "first", cache=cache)
     assert first.best_step > 0
-    captured = Captured()
-    second = run_generation(tiny_config(sd_dir, subject_photo, dino_dir, max_steps=2, lora_rank=2),
-                            tmp_path / "second", cache=cache, on_step=captured.on_step)
+    captured = run_captured(start_generation(tiny_config(sd_dir, subject_photo, dino_dir, max_steps=2, lora_rank=2),
+                                             tmp_path / "second", cache=cache))
+    second = captured.result
     # Step 0 of the second run is the untouched model's image again, with only the new LoRA attached.
     assert (captured.events[0].image - plain_render(sd_dir)).abs().max().item() <= 1e-5
     state = load_file(second.lora_dir / "pytorch_lora_weights.safetensors")

@@ -154,6 +154,7 @@ def test_16_bit_grayscale_png_scales_onto_8_bits(tmp_path):
         (8, (10, 199 - 10)),  # "rotate 90 counter-clockwise": the stored top-left ends up bottom-left
     ],
 )
+@pytest.mark.fidelity("preprocess.exif_transpose")
 def test_exif_rotated_jpeg_comes_back_upright(tmp_path, orientation, red_corner):
     # 200x120 rather than a 100x60 phone-like shape: sides under 64 px are refused.
     stored = Image.new("RGB", (200, 120), (128, 128, 128))

@@ -10,7 +10,7 @@ from conftest import RESOLUTION
 from PIL import Image
 
 from siso.backbones import load_backbone
-from siso.backbones.base import render
+from siso.backbones.sampling import render
 from siso.editing.inversion import (
     ReNoiseSettings,
     _autocorrelation,
@@ -48,6 +48,7 @@ def unit_sd(unit_sd_dir):
     return backbone, cond
 
 
+@pytest.mark.fidelity("edit.inversion_latents")
 @pytest.mark.parametrize("name", ["ddim", "euler_ancestral"])
 def test_inverse_step_undoes_step(sd_dir, name):
     backbone = load_backbone(str(sd_dir), CPU, torch.float32)
@@ -132,7 +133,7 @@ def test_renoise_inverts_better_than_plain_inversion(inversions, sampler, record
 
 def test_edit_render_differentiates_every_step_and_restores_the_scheduler(sd_dir, scene):
     backbone = load_backbone(str(sd_dir), CPU, torch.float32)
-    params = attach_lora(backbone, rank=4, train_text_encoder=False, seed=0)
+    params = attach_lora(backbone, rank=4, train_text_encoder=False, seed=0).all_parameters()
     with torch.no_grad():
         for p in params:
             p.add_(0.05 * torch.randn_like(p))

@@ -426,20 +426,20 @@ def test_flux_diffusers_file_loads_fully_in_comfyui(saved, name, train_text_enco
 def test_lora_formats_default_to_the_backbones():
     """No --lora-format: SD and SDXL write both files, FLUX and Sana (no kohya loader) the diffusers one."""
     from siso.backbones.sana import SanaBackbone
-    from siso.config import BackbonePreset, EditConfig, GenerateConfig
+    from siso.config import EditConfig, GenerateConfig
     from siso.errors import SisoError
 
-    config = GenerateConfig(subjects=(Path("dog.jpg"),), prompt="a photo of a dog")
+    config = GenerateConfig(subjects=(Path("dog.jpg"),), prompt="a photo of a dog", ir_model=None)
     assert config.lora_format is None
     for backbone, formats in ((StableDiffusionBackbone, ("diffusers", "kohya")),
                               (StableDiffusionXLBackbone, ("diffusers", "kohya")),
                               (FluxBackbone, ("diffusers",)), (SanaBackbone, ("diffusers",))):
         backbone.check_options("model", False, config.lora_format)  # the default is always honoured
-        assert config.resolved(BackbonePreset(), backbone.default_lora_formats).lora_format == formats
-        assert set(formats) <= set(backbone.lora_formats)
-    chosen = GenerateConfig(subjects=(Path("dog.jpg"),), prompt="a dog", lora_format=["diffusers"])
-    assert chosen.resolved(BackbonePreset(), ("diffusers", "kohya")).lora_format == ("diffusers",)
-    edit = EditConfig(subject=Path("dog.jpg"), input=Path("scene.jpg"))
-    assert edit.resolved(StableDiffusionBackbone.default_lora_formats).lora_format == ("diffusers", "kohya")
+        assert config.resolved(backbone.preset).lora_format == formats
+        assert set(formats) <= set(backbone.preset.lora_formats)
+    chosen = GenerateConfig(subjects=(Path("dog.jpg"),), prompt="a dog", lora_format=["diffusers"], ir_model=None)
+    assert chosen.resolved(StableDiffusionXLBackbone.preset).lora_format == ("diffusers",)
+    edit = EditConfig(subject=Path("dog.jpg"), input=Path("scene.jpg"), ir_model=None)
+    assert edit.resolved(StableDiffusionBackbone.preset).lora_format == ("diffusers", "kohya")
     with pytest.raises(SisoError, match="--lora-format must be one of diffusers, kohya"):
         GenerateConfig(subjects=(Path("dog.jpg"),), prompt="a dog", lora_format=("safetensors",))

@@ -13,7 +13,7 @@ from PIL import Image
 from siso.config import EditConfig
 from siso.editing.labels import VOCABULARY, ClipLabeller, Label
 from siso.editing.masks import ObjectFinder, largest_region_filled, load_user_mask, square_crop
-from siso.editing.session import find_labels_and_mask
+from siso.editing.task import find_labels_and_mask
 from siso.errors import SisoError
 from siso.images import load_image, working_copy
 
@@ -104,6 +104,7 @@ class _ConstructedSam(torch.nn.Module):
                                iou_scores=torch.tensor([[[0.9, 0.1, 0.1]]]))
 
 
+@pytest.mark.fidelity("edit.mask_rule")
 def test_the_mask_is_the_union_of_sams_candidates_with_the_largest_region_filled(finder, cat_scene):
     """The reference's rule: the union of SAM's candidates, then the largest contour filled. SAM's own
     favourite (highest predicted IoU) alone would be the top-left square only."""

@@ -148,7 +148,7 @@ def test_sigkill_leaves_a_lora_that_renders_its_best_png(tmp_path, sd_dir, dino_
 
 def test_a_full_disk_stops_the_run_and_keeps_the_best(run_siso, monkeypatch, tmp_path, sd_dir, dino_dir,
                                                      subject_photo):
-    from siso import runs
+    from siso import run_directory as runs
 
     original = runs.write_png
     written = []
@@ -215,7 +215,7 @@ def test_out_below_a_file(run_siso, no_model_loads, tmp_path, sd_dir, dino_dir, 
 
 def test_out_on_a_read_only_filesystem(run_siso, no_model_loads, monkeypatch, tmp_path, sd_dir, dino_dir,
                                       subject_photo):
-    from siso import runs
+    from siso import run_directory as runs
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
@@ -358,10 +358,10 @@ def test_app_limits_jobs_and_models(sd_dir, dino_dir, subject_photo, tmp_path):
     app = SisoApp(settings)
     request = SimpleNamespace(session_hash="tab")
     with pytest.raises(gr.Error, match="at most 6 iterations"):
-        list(app.start([str(subject_photo)], PROMPT, str(sd_dir), 42, RESOLUTION, 7, 5e-3, 0, request))
+        list(app.start(request, [str(subject_photo)], PROMPT, str(sd_dir), 42, RESOLUTION, 7, 5e-3, None))
     with pytest.raises(gr.Error, match="only runs"):
-        list(app.start([str(subject_photo)], PROMPT, "/etc", 42, RESOLUTION, 5, 5e-3, 0, request))
-    views = list(app.start([str(subject_photo)], PROMPT, str(sd_dir), 42, RESOLUTION, 5, 5e-3, 0, request))
+        list(app.start(request, [str(subject_photo)], PROMPT, "/etc", 42, RESOLUTION, 5, 5e-3, None))
+    views = list(app.start(request, [str(subject_photo)], PROMPT, str(sd_dir), 42, RESOLUTION, 5, 5e-3, None))
     status = views[-1][4]
     assert "limit of 1e-06 minutes per job" in status and "interrupted" in status
     assert len(app.session(request).events) == 1  # the time limit let the first iteration finish, no more

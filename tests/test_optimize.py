@@ -40,6 +40,7 @@ def test_early_stopping_measures_pct_of_the_summed_cosines_as_the_reference_does
     assert not stopper.update(0.50) and stopper.stale == 0  # -1.50 < -1.45 * 1.03 = -1.4935: improved
 
 
+@pytest.mark.fidelity("loop.early_stopping_rule")
 def test_early_stopping_is_the_reference_rule_step_by_step():
     totals = [0.60, 0.57, 0.56, 0.55, 0.555, 0.56, 0.545]
     stopper = EarlyStopping(pct=3.0, patience=3, offset=2.0)
@@ -49,6 +50,7 @@ def test_early_stopping_is_the_reference_rule_step_by_step():
     assert reference_rule([t - 2.0 for t in totals], 3.0, 3) == 6
 
 
+@pytest.mark.fidelity("loop.early_stopping_loss")
 @pytest.mark.parametrize("offset", [1.0, 2.0, 1.5])
 def test_early_stopping_stops_exactly_where_the_reference_stops(offset):
     """On random loss curves, siso's stopper (fed siso's totals) stops at the reference's iteration."""
@@ -139,19 +141,54 @@ def test_iterating_again_continues_the_run():
     assert opt.stop_reason == "max_steps" and len(opt.history) == 20
 
 
-def test_the_lora_is_updated_with_adamw_and_clipping():
-    """One real update on a quadratic: AdamW's first step moves each weight by about lr."""
+def clipped_adamw_reference(scales, start, lr, max_norm, weight_decay=0.0):
+    """The loop's update, transcribed: gradient of ``scale * |w|^2 / 2`` at each step, its norm clipped to
+    ``max_norm``, then torch's AdamW (the reference's optimiser)."""
+    weight = torch.nn.Parameter(torch.tensor(start))
+    optimizer = torch.optim.AdamW([weight], lr=lr, weight_decay=weight_decay)
+    for scale in scales:
+        weight.grad = scale * weight.detach().clone()
+        torch.nn.utils.clip_grad_norm_([weight], max_norm)
+        optimizer.step()
+    return weight.detach()
+
+
+def scaled_problem(scales, max_norm, extra: torch.nn.Parameter | None = None):
+    """A loss whose gradient is ``scale_t * w`` at iteration t, so the gradient's norm changes from step to
+    step: AdamW normalises a constant scale away, so only clipping makes the steps differ from unclipped ones.
+    ``extra`` joins the loss (it gets gradients) but not the optimiser, like a trainable table nobody steps."""
     weight = torch.nn.Parameter(torch.tensor([3.0, -2.0]))
-    settings = LoopSettings(max_steps=2, learning_rate=0.1, adam_weight_decay=0.0)
-    opt = Optimization(
-        render=lambda: weight.view(1, 2, 1, 1).expand(1, 2, 2, 2).sum(1, keepdim=True).expand(1, 3, 2, 2),
-        loss_fn=lambda image: {"total": (weight**2).sum() + image.sum() * 0},
-        params=[weight], snapshot=lambda: weight.detach().clone(),
-    )
-    opt.settings = settings
+    calls = iter(range(len(scales) + 1))
+
+    def loss_fn(image):
+        scale = scales[min(next(calls), len(scales) - 1)]
+        total = scale * (weight**2).sum() / 2 + image.sum() * 0
+        if extra is not None:
+            total = total + 1e3 * (extra**2).sum()
+        return {"total": total}
+
+    opt = Optimization(render=lambda: weight.view(1, 2, 1, 1).expand(1, 2, 2, 2).sum(1, keepdim=True)
+                       .expand(1, 3, 2, 2), loss_fn=loss_fn, params=[weight], snapshot=lambda: weight.detach().clone(),
+                       settings=LoopSettings(max_steps=len(scales) + 1, learning_rate=0.1, adam_weight_decay=0.0,
+                                             max_grad_norm=max_norm, early_stop_patience=100))
     list(opt)
-    # Adam's first step is lr * sign(grad) (bias-corrected m/sqrt(v) = +-1).
-    assert weight.detach().tolist() == pytest.approx([2.9, -1.9], abs=1e-5)
+    return weight.detach()
+
+
+@pytest.mark.fidelity("loop.clipped_parameters")
+def test_the_lora_is_updated_with_adamw_and_clipping():
+    """Steps whose gradient norms differ (36, 0.36, 3.6): clipped to 1.0, AdamW moves the weights as the
+    transcription above does, and differently from the same run without clipping; a parameter outside
+    the optimiser (with a huge gradient of its own) changes nothing: the loop clips the LoRA only."""
+    scales = [10.0, 0.1, 1.0]
+    ours = scaled_problem(scales, max_norm=1.0)
+    assert torch.allclose(ours, clipped_adamw_reference(scales, [3.0, -2.0], 0.1, 1.0), atol=1e-6)
+    unclipped = scaled_problem(scales, max_norm=1e9)
+    assert torch.allclose(unclipped, clipped_adamw_reference(scales, [3.0, -2.0], 0.1, 1e9), atol=1e-6)
+    assert (ours - unclipped).abs().max() > 1e-3, "clipping must show in the trajectory for this test to mean much"
+    stale = torch.nn.Parameter(torch.tensor([5.0, 5.0]))
+    assert torch.allclose(scaled_problem(scales, max_norm=1.0, extra=stale), ours, atol=1e-7)
+    assert torch.equal(stale.detach(), torch.tensor([5.0, 5.0]))  # not stepped
 
 
 def test_extend_continues_an_early_stopped_run_with_fresh_patience():

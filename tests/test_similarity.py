@@ -11,6 +11,7 @@ from siso.errors import SisoError
 from siso.similarity import DinoSimilarity, IRSimilarity, Preprocessing, SimilarityLoss
 
 
+@pytest.mark.fidelity("preprocess.antialias")
 def test_preprocessing_follows_the_eval_recipe():
     prep = Preprocessing(resize=4, crop=2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     image = torch.rand(1, 3, 8, 16)
@@ -46,6 +47,7 @@ def test_dino_refuses_another_model_type(ir_dir):
         DinoSimilarity.from_pretrained(str(ir_dir))
 
 
+@pytest.mark.fidelity("loop.reported_loss")
 def test_loss_is_the_weighted_sum_of_mean_cosine_distances(dino_dir, ir_dir):
     dino = DinoSimilarity.from_pretrained(str(dino_dir))
     ir = IRSimilarity.from_pretrained(ir_dir)

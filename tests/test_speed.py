@@ -13,13 +13,13 @@ import json
 import pytest
 import torch
 from conftest import RESOLUTION
-from test_generation import plain_render, tiny_config
+from helpers import plain_render, run_captured, tiny_config
 
 from siso import speed
-from siso.backbones import base, load_backbone
-from siso.backbones.base import MEMORY_TIERS, MemoryPlan
+from siso.backbones import load_backbone, memory
+from siso.backbones.memory import MEMORY_TIERS, MemoryPlan
 from siso.errors import SisoError
-from siso.generation import prepare_generation, run_generation
+from siso.generation import prepare_generation, run_generation, start_generation
 from siso.lora import lora_components
 from siso.models import ModelCache
 
@@ -28,7 +28,7 @@ CPU = torch.device("cpu")
 
 def free_memory(monkeypatch, gib: float | None) -> None:
     """Pretend the device is a GPU with ``gib`` free (the only GPU-specific input of the policy)."""
-    monkeypatch.setattr(base, "cuda_free_memory_gib", lambda device: gib)
+    monkeypatch.setattr(memory, "cuda_free_memory_gib", lambda device: gib)
 
 
 # -- memory ----------------------------------------------------------------------------------------
@@ -67,16 +67,21 @@ def test_auto_memory_plan_takes_the_fastest_tier_that_fits(model_dir, monkeypatc
 def test_auto_memory_plan_is_applied_recorded_and_reset_on_a_cached_backbone(sd_dir, dino_dir, subject_photo,
                                                                              tmp_path, monkeypatch):
     cache = ModelCache()
-    backbone = cache.backbone(str(sd_dir), CPU, torch.float32)
+    with cache.lease(str(sd_dir), CPU, torch.float32) as backbone:
+        pass
     scale = (RESOLUTION / 512) ** 2 * 2  # fp32
     needs = {tier: gib * scale + backbone.memory_margin_gib for tier, gib in backbone.activation_gib_512.items()}
     free_memory(monkeypatch, needs["checkpoint-all"])
-    result = run_generation(tiny_config(sd_dir, subject_photo, dino_dir, max_steps=1), tmp_path / "tight", cache=cache)
+    run = start_generation(tiny_config(sd_dir, subject_photo, dino_dir, max_steps=1), tmp_path / "tight", cache=cache)
+    assert run.session.backbone is backbone
+    assert backbone.denoiser.is_gradient_checkpointing and backbone.pipeline.vae.is_gradient_checkpointing
+    result = run_captured(run).result
     memory = json.loads((result.run_dir / "run.json").read_text())["memory"]
     assert memory == {"tier": "checkpoint-all", "denoiser_checkpointing": True, "vae_checkpointing": True,
                       "reason": memory["reason"], "free_gib": round(needs["checkpoint-all"], 2)}
     assert memory["reason"].startswith(f"auto: {needs['checkpoint-all']:.1f} GiB free")
-    assert backbone.denoiser.is_gradient_checkpointing and backbone.pipeline.vae.is_gradient_checkpointing
+    # Handed back to the cache, the backbone has no savers of that run's any more.
+    assert not backbone.denoiser.is_gradient_checkpointing and not backbone.pipeline.vae.is_gradient_checkpointing
 
     free_memory(monkeypatch, needs["checkpoint-vae"])
     session = prepare_generation(tiny_config(sd_dir, subject_photo, dino_dir), cache=cache)
@@ -237,15 +242,17 @@ def test_compiled_loop_on_a_cached_backbone(sd_dir, dino_dir, ir_dir, subject_ph
     # every element): close, not equal. test_compiled_iterations_equal_eager is the exact check.
     assert [h["total"] for h in first.history] == pytest.approx([h["total"] for h in eager.history], rel=1e-2)
 
-    backbone = cache.backbone(str(sd_dir), CPU, torch.float32)
-    denoiser_call = backbone.denoiser._compiled_call_impl
-    captured = []
-    second = run_generation(compiled_config(sd_dir, subject_photo, dino_dir, ir_dir, max_steps=2), tmp_path / "second",
-                            cache=cache, on_step=captured.append)
+    with cache.lease(str(sd_dir), CPU, torch.float32) as backbone:
+        denoiser_call = backbone.denoiser._compiled_call_impl
+    captured = run_captured(start_generation(compiled_config(sd_dir, subject_photo, dino_dir, ir_dir, max_steps=2),
+                                             tmp_path / "second", cache=cache))
+    second = captured.result
     assert backbone.denoiser._compiled_call_impl is denoiser_call, "a cached model must not be compiled twice"
     # Step 0 of the second run is the untouched model's image: the old LoRA is gone, the new one is zero.
-    assert (captured[0].image - plain_render(sd_dir)).abs().max().item() <= 1e-5
-    assert second.best_step is not None and lora_components(backbone) == ["unet"]
+    assert (captured.events[0].image - plain_render(sd_dir)).abs().max().item() <= 1e-5
+    assert second.best_step is not None and json.loads((second.run_dir / "run.json").read_text())["lora_step"] == (
+        second.best_step)
+    assert lora_components(backbone) == []  # handed back clean
 
     third = run_generation(tiny_config(sd_dir, subject_photo, dino_dir, ir_model=str(ir_dir), max_steps=1),
                            tmp_path / "third", cache=cache)

@@ -13,15 +13,22 @@ import json
 import pytest
 import torch
 from conftest import RESOLUTION
-from helpers import PROMPT, Captured, assert_planted_subject_recovered, plain_render, tiny_config
+from helpers import (
+    PROMPT,
+    assert_planted_subject_recovered,
+    optimisation_pipeline_kwargs,
+    plain_render,
+    run_captured,
+    tiny_config,
+)
 from PIL import Image
 from safetensors.torch import load_file
 
 from siso.backbones import load_backbone, render
 from siso.errors import SisoError
-from siso.generation import prepare_generation, run_generation
+from siso.generation import prepare_generation, run_generation, start_generation
 from siso.images import pil_to_tensor
-from siso.lora import attach_lora, detach_lora, save_lora, snapshot_lora
+from siso.lora import attach_lora, save_lora, snapshot_lora
 
 CPU = torch.device("cpu")
 
@@ -87,7 +94,7 @@ def test_zero_lora_render_equals_plain_pipeline(transformer_dirs, name, steps, g
 @pytest.mark.parametrize("name,steps,grad_steps", [("flux", 4, 1), ("sana", 6, 3)])
 def test_only_the_last_k_steps_are_differentiated(transformer_dirs, name, steps, grad_steps):
     backbone = load_backbone(str(transformer_dirs[name]), CPU, torch.float32)
-    params = attach_lora(backbone, rank=4, train_text_encoder=False, seed=0)
+    params = attach_lora(backbone, rank=4, train_text_encoder=False, seed=0).all_parameters()
     with torch.no_grad():
         for p in params:  # a non-zero LoRA, so every step depends on the parameters
             p.add_(0.05 * torch.randn_like(p))
@@ -124,7 +131,7 @@ def test_memory_savers_change_nothing(transformer_dirs, name, tmp_path):
             kept = backbone.stream_denoiser_blocks()
             assert backbone.denoiser.gradient_checkpointing
             assert kept > 0 and sum(p.numel() for p in backbone.denoiser.parameters()) == resident - kept // 4
-        params = attach_lora(backbone, rank=4, train_text_encoder=False, seed=0)
+        params = attach_lora(backbone, rank=4, train_text_encoder=False, seed=0).all_parameters()
         assert all(p.requires_grad and p.numel() > 0 for p in params)  # LoRA weights are never streamed
         with torch.no_grad():
             for p in params:
@@ -134,13 +141,13 @@ def test_memory_savers_change_nothing(transformer_dirs, name, tmp_path):
         results[saver] = (image.detach(), [p.grad.clone() for p in params])
         if saver == "streaming":  # the plain pipeline and its LoRA loader (siso render, the web app) work on it
             save_lora(backbone, snapshot_lora(backbone), tmp_path / "lora")
-            detach_lora(backbone)
+            backbone.reset()
             backbone.pipeline.load_lora_weights(tmp_path / "lora")
             with torch.no_grad():
                 plain = backbone.pipeline(
                     PROMPT, num_inference_steps=steps, guidance_scale=backbone.preset.guidance_scale,
                     height=RESOLUTION, width=RESOLUTION, generator=torch.Generator().manual_seed(42),
-                    output_type="pt", **backbone.optimisation_pipeline_kwargs(),
+                    output_type="pt", **optimisation_pipeline_kwargs(type(backbone)),
                 ).images
             assert (plain - image).abs().max().item() <= 1e-5
     image, grads = results["none"]
@@ -199,10 +206,8 @@ RUNS = {
 def finished_run(request, flux_dir, sana_dir, dino_dir, ir_dir, subject_photo, tmp_path_factory):
     model_dir = {"flux": flux_dir, "sana": sana_dir}[request.param]
     config = tiny_config(model_dir, subject_photo, dino_dir, ir_model=str(ir_dir), **RUNS[request.param])
-    captured = Captured()
-    result = run_generation(config, tmp_path_factory.mktemp(f"run-{request.param}") / "run",
-                            on_session=captured.on_session)
-    return request.param, model_dir, result, captured.session
+    captured = run_captured(start_generation(config, tmp_path_factory.mktemp(f"run-{request.param}") / "run"))
+    return request.param, model_dir, captured.result, captured.session
 
 
 def test_lora_round_trip_through_plain_diffusers(finished_run):

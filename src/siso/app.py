@@ -7,91 +7,46 @@ no second implementation of the loop. Every run also lands in an ordinary run di
 
 from __future__ import annotations
 
-import math
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 from PIL import Image
 
-from .config import (
-    DEFAULT_DINO_MODEL,
-    DEFAULT_EDITING_MODEL,
-    DEFAULT_GENERATION_MODEL,
-    GenerateConfig,
-    RenderConfig,
-)
+from .app_settings import AppSettings
+from .config import EditConfig, GenerateConfig, RenderConfig
 from .errors import SisoError
 from .files import write_png
-from .generation import GenerationRun, start_generation
+from .generation import start_generation
 from .images import tensor_to_pil
-from .ir_cache import IR_AUTO
+from .knobs import knobs
 from .lora import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME
 from .models import ModelCache
 from .optimize import StepEvent
-from .rendering import load_render_backbone, lora_loaded, render_with
+from .rendering import render_backbone, render_with
+from .run import Run
+
+__all__ = ["AppSettings", "SisoApp", "build_app", "launch"]
 
 GPU_QUEUE = "gpu"  # every event that runs a model shares this queue: one job per GPU at a time
 CONTINUE_STEPS = 10
-
-
-@dataclass(frozen=True)
-class AppSettings:
-    """What ``siso app`` was started with; the defaults shown in the page."""
-
-    model: str = DEFAULT_GENERATION_MODEL
-    edit_model: str = DEFAULT_EDITING_MODEL
-    dino_model: str = DEFAULT_DINO_MODEL
-    ir_model: str | None = IR_AUTO  # auto: the cached IR conversion if there is one
-    resolution: int = 512
-    max_steps: int = 50
-    device: str = "auto"
-    runs_dir: Path = Path("siso-runs")
-    max_upload_mb: int = 25
-    #: --compile; None: on for CUDA GPUs (the models stay loaded, so one compile serves every run)
-    compile: bool | None = None
-    #: one job may not hold the only GPU queue for ever: at most this many iterations (Continue
-    #: included) and this long per Start or Continue
-    max_job_steps: int = 200
-    max_job_minutes: float = 30.0
-    #: the models the page may ask for (Hub ids or directories); None: any
-    model_allowlist: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_upload_mb < 1:
-            raise SisoError(f"--max-upload-mb must be at least 1, got {self.max_upload_mb}.")
-        if self.max_job_steps < 1 or not (self.max_job_minutes > 0 and math.isfinite(self.max_job_minutes)):
-            raise SisoError("--max-job-steps and --max-job-minutes must be positive.")
-        if not 1 <= self.max_steps <= self.max_job_steps:
-            raise SisoError(f"--max-steps must be from 1 to --max-job-steps ({self.max_job_steps}), "
-                            f"got {self.max_steps}.")
-        if self.runs_dir.exists() and not self.runs_dir.is_dir():
-            raise SisoError(f"--runs-dir {self.runs_dir} is a file; pass a directory for the runs.")
-
-    def check_model(self, model: str) -> str:
-        """``model`` if the page may load it; the allowlist keeps clients off arbitrary server paths."""
-        if self.model_allowlist is not None and model not in self.model_allowlist:
-            raise SisoError(f"This server only runs {', '.join(self.model_allowlist)}; {model!r} is not allowed "
-                            "(its operator can add it with --model-allowlist).")
-        return model
-
-    def check_steps(self, steps: int) -> int:
-        if steps > self.max_job_steps:
-            raise SisoError(f"This server allows at most {self.max_job_steps} iterations per job; asked for {steps}.")
-        return steps
+#: the page's controls: which knobs each tab offers, in order (their labels, help and defaults are the knobs')
+GENERATE_CONTROLS = ("seed", "resolution", "max_steps", "learning_rate", "early_stop_patience")
+EDIT_CONTROLS = ("seed", "max_steps", "bg_weight")
+RENDER_CONTROLS = ("steps", "seed", "resolution")
 
 
 @dataclass
 class BrowserSession:
     """What one browser tab is doing: its current run, and what it may download."""
 
-    run: GenerationRun | None = None
+    run: Run | None = None
     events: list[StepEvent] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     note: str = ""  # why the app itself stopped the run (its time limit), shown with the status
@@ -115,20 +70,18 @@ class SisoApp:
         return self.settings.runs_dir / f"{stamp}-{kind}-{uuid.uuid4().hex[:6]}"
 
     # -- generate ---------------------------------------------------------------------------
-    def start(self, photos, prompt: str, model: str, seed: float, resolution: float, max_steps: float,
-              learning_rate: float, patience: float, request: gr.Request) -> Iterator[tuple]:
+    def start(self, request: gr.Request, photos, prompt: str, model: str, *values: Any) -> Iterator[tuple]:
+        """Start: ``values`` are the :data:`GENERATE_CONTROLS`' in order (empty ones: their defaults)."""
         session = self.session(request)
         if not photos:
             raise gr.Error("Upload at least one photo of the subject first.")
         try:
+            options = self._options(GenerateConfig, GENERATE_CONTROLS, values)
             config = GenerateConfig(
                 subjects=tuple(Path(_path_of(p)) for p in photos), prompt=prompt or "",
-                model=self.settings.check_model((model or self.settings.model).strip()), seed=int(seed),
-                resolution=int(resolution), max_steps=self.settings.check_steps(int(max_steps)),
-                learning_rate=float(learning_rate) if learning_rate else None,
-                early_stop_patience=int(patience) if patience else None,
+                model=self.settings.check_model((model or self.settings.model).strip()),
                 dino_model=self.settings.dino_model, ir_model=self.settings.ir_model, device=self.settings.device,
-                compile=self.settings.compile,
+                compile=self.settings.compile, **options,
             )
             with session.lock:
                 session.run = start_generation(config, self.new_run_dir("generate"), cache=self.cache)
@@ -136,6 +89,19 @@ class SisoApp:
         except SisoError as err:
             raise gr.Error(str(err)) from err
         yield from self._stream(session)
+
+    def _options(self, owner: type, names: Sequence[str], values: Sequence[Any]) -> dict[str, Any]:
+        """The controls' values by knob name; empty ones, and 0 in a knob the backbone's preset fills
+        (gradio's number box cannot be empty), are left to the config. The server's iteration limit applies."""
+        options = {}
+        for name, value in zip(names, values, strict=True):
+            spec = knobs(owner)[name]
+            if value in (None, "") or (spec.preset is not None and value == 0):
+                continue
+            options[name] = spec.value_type(value) if spec.value_type in (int, float) else value  # Number: floats
+        if "max_steps" in options:
+            options["max_steps"] = self.settings.check_steps(options["max_steps"])
+        return options
 
     def resume(self, request: gr.Request, tab: str = "generate") -> Iterator[tuple]:
         session = self.session(request, tab)
@@ -184,24 +150,24 @@ class SisoApp:
         return (mask_overlay(session.run.session),) if tab == "edit" else ()
 
     # -- edit -------------------------------------------------------------------------------
-    def edit(self, subject, scene, subject_class: str, input_class: str, mask, model: str, seed: float,
-             max_steps: float, bg_weight: float, request: gr.Request) -> Iterator[tuple]:
-        from .config import EditConfig
+    def edit(self, request: gr.Request, subject, scene, subject_class: str, input_class: str, mask, model: str,
+             *values: Any) -> Iterator[tuple]:
+        """Edit: ``values`` are the :data:`EDIT_CONTROLS`' in order."""
         from .editing import start_edit
 
         session = self.session(request, "edit")
         if not subject or not scene:
             raise gr.Error("Upload a photo of the subject and the scene photo first.")
         try:
+            options = self._options(EditConfig, EDIT_CONTROLS, values)
             config = EditConfig(
                 subject=Path(_path_of(subject)), input=Path(_path_of(scene)),
                 subject_class=(subject_class or "").strip() or None, input_class=(input_class or "").strip() or None,
                 mask=Path(_path_of(mask)) if mask else None,
                 model=self.settings.check_model((model or "").strip() or self.settings.edit_model),
-                seed=int(seed), resolution=self.settings.resolution,
-                max_steps=self.settings.check_steps(int(max_steps)),
-                bg_weight=float(bg_weight), dino_model=self.settings.dino_model, ir_model=self.settings.ir_model,
-                device=self.settings.device, compile=self.settings.compile,
+                resolution=self.settings.resolution, dino_model=self.settings.dino_model,
+                ir_model=self.settings.ir_model, device=self.settings.device, compile=self.settings.compile,
+                **options,
             )
             with session.lock:
                 session.run = start_edit(config, self.new_run_dir("edit"), cache=self.cache)
@@ -243,8 +209,9 @@ class SisoApp:
         )
 
     # -- render -----------------------------------------------------------------------------
-    def render(self, model: str, lora_file, use_last: bool, prompt: str, steps: float, seed: float,
-               resolution: float, request: gr.Request) -> tuple[str, str]:
+    def render(self, request: gr.Request, model: str, lora_file, use_last: bool, prompt: str,
+               *values: Any) -> tuple[str, str]:
+        """Render: ``values`` are the :data:`RENDER_CONTROLS`' in order."""
         session = self.session(request)
         lora: Path | None = None
         if lora_file:
@@ -255,11 +222,9 @@ class SisoApp:
             lora = session.run.out_dir / "lora"
         try:
             config = RenderConfig(model=self.settings.check_model((model or self.settings.model).strip()),
-                                  prompt=prompt or "", lora=lora,
-                                  steps=int(steps) if steps else None, seed=int(seed),
-                                  resolution=int(resolution), device=self.settings.device)
-            backbone = load_render_backbone(config, self.cache)
-            with lora_loaded(backbone, lora):
+                                  prompt=prompt or "", lora=lora, device=self.settings.device,
+                                  **self._options(RenderConfig, RENDER_CONTROLS, values))
+            with render_backbone(config, self.cache) as backbone:
                 image = render_with(backbone, config)
         except SisoError as err:
             raise gr.Error(str(err)) from err
@@ -270,8 +235,9 @@ class SisoApp:
 
 def mask_overlay(edit_session) -> Image.Image:
     """The scene with the object to replace tinted red: what the edit will change."""
-    scene = edit_session.scene.convert("RGB")
-    mask = edit_session.mask.to_image().resize(scene.size)
+    task = edit_session.task
+    scene = task.scene.convert("RGB")
+    mask = task.mask.to_image().resize(scene.size)
     red = Image.new("RGB", scene.size, (255, 40, 40))
     return Image.composite(Image.blend(scene, red, 0.5), scene, mask)
 
@@ -319,8 +285,31 @@ def _live_view(prefix: str) -> list:
     return [current, gallery, plot, best, status, downloads]
 
 
+def knob_controls(owner: type, names: Sequence[str], prefix: str, values: dict[str, Any]) -> list:
+    """One form control per knob: its label, its help as the hint, its default (or the page's, from
+    ``values``); a knob the backbone's preset fills starts at 0, which means "the backbone's" (a gradio
+    number box cannot be empty). Element ids are the knobs' flags (``max-steps``), after ``prefix``."""
+    controls = []
+    for name in names:
+        spec = knobs(owner)[name]
+        value = values.get(name, spec.default)
+        from_preset = spec.preset is not None and value is None
+        label = spec.label + (" (0: the backbone's)" if from_preset else "")
+        options = {"label": label, "info": spec.help, "elem_id": f"{prefix}{spec.flag}"}
+        if spec.value_type is bool:
+            controls.append(gr.Checkbox(value=bool(value), **options))
+        elif spec.value_type in (int, float):
+            controls.append(gr.Number(value=0 if from_preset or value is MISSING else value,
+                                      precision=0 if spec.value_type is int else None, **options))
+        else:
+            controls.append(gr.Textbox(value="" if value in (None, MISSING) else str(value), **options))
+    return controls
+
+
 def build_app(settings: AppSettings, cache: ModelCache | None = None) -> gr.Blocks:
     app = SisoApp(settings, cache)
+    # What the operator set for every run (siso app --max-steps ...), shown as the controls' values.
+    page_defaults = {"resolution": settings.resolution, "max_steps": settings.max_steps}
     # delete_cache: gradio removes the uploads it keeps in its temporary folder once they are an hour
     # old (checked every 10 minutes, and when the app closes); the runs themselves live in runs_dir.
     with gr.Blocks(title="siso: single-image personalisation", delete_cache=(600, 3600)) as demo:
@@ -338,17 +327,11 @@ def build_app(settings: AppSettings, cache: ModelCache | None = None) -> gr.Bloc
                     model = gr.Textbox(label="Backbone (Hub id or directory)", value=settings.model,
                                        elem_id="model")
                     with gr.Accordion("Advanced settings", open=False):
-                        seed = gr.Number(label="Seed", value=42, precision=0)
-                        resolution = gr.Number(label="Resolution", value=settings.resolution, precision=0)
-                        max_steps = gr.Number(label="Max iterations", value=settings.max_steps, precision=0,
-                                              elem_id="max-steps")
-                        learning_rate = gr.Number(label="Learning rate (0: the backbone's)", value=0)
-                        patience = gr.Number(label="Early-stop patience (0: the backbone's)", value=0,
-                                             precision=0, elem_id="patience")
+                        controls = knob_controls(GenerateConfig, GENERATE_CONTROLS, "", page_defaults)
                     start, stop, resume = _run_buttons("")
                 with gr.Column(scale=2):
                     outputs = _live_view("")
-            inputs = [photos, prompt, model, seed, resolution, max_steps, learning_rate, patience]
+            inputs = [photos, prompt, model, *controls]
             start.click(app.start, inputs, outputs, concurrency_limit=1, concurrency_id=GPU_QUEUE)
             resume.click(app.resume, None, outputs, concurrency_limit=1, concurrency_id=GPU_QUEUE)
             stop.click(app.stop, None, outputs[4], queue=False)
@@ -364,16 +347,13 @@ def build_app(settings: AppSettings, cache: ModelCache | None = None) -> gr.Bloc
                                       type="filepath", elem_id="edit-mask")
                     e_model = gr.Textbox(label="Backbone", value=settings.edit_model)
                     with gr.Accordion("Advanced settings", open=False):
-                        e_seed = gr.Number(label="Seed", value=42, precision=0)
-                        e_max_steps = gr.Number(label="Max iterations", value=settings.max_steps, precision=0)
-                        e_bg_weight = gr.Number(label="Background weight", value=10.0)
+                        e_controls = knob_controls(EditConfig, EDIT_CONTROLS, "edit-", page_defaults)
                     e_start, e_stop, e_resume = _run_buttons("edit-")
                 with gr.Column(scale=2):
                     e_overlay = gr.Image(label="What will be replaced", type="pil", interactive=False, height=320,
                                          elem_id="edit-overlay")
                     e_outputs = [e_overlay, *_live_view("edit-")]
-            e_inputs = [e_subject, e_scene, e_subject_class, e_input_class, e_mask, e_model, e_seed, e_max_steps,
-                        e_bg_weight]
+            e_inputs = [e_subject, e_scene, e_subject_class, e_input_class, e_mask, e_model, *e_controls]
             e_start.click(app.edit, e_inputs, e_outputs, concurrency_limit=1, concurrency_id=GPU_QUEUE)
             e_resume.click(app.resume_edit, None, e_outputs, concurrency_limit=1, concurrency_id=GPU_QUEUE)
             e_stop.click(app.stop_edit, None, e_outputs[5], queue=False)
@@ -385,15 +365,12 @@ def build_app(settings: AppSettings, cache: ModelCache | None = None) -> gr.Bloc
                     r_lora = gr.File(label="...or upload a LoRA (.safetensors)", file_types=[".safetensors"])
                     r_prompt = gr.Textbox(label="Prompt", value="a dog on the beach")
                     with gr.Accordion("Advanced settings", open=False):
-                        r_steps = gr.Number(label="Denoising steps (0: the backbone's)", value=0,
-                                            precision=0)
-                        r_seed = gr.Number(label="Seed", value=42, precision=0)
-                        r_resolution = gr.Number(label="Resolution", value=settings.resolution, precision=0)
+                        r_controls = knob_controls(RenderConfig, RENDER_CONTROLS, "render-", page_defaults)
                     r_go = gr.Button("Render", variant="primary")
                 with gr.Column():
                     r_image = gr.Image(label="Image", type="filepath", interactive=False)
                     r_file = gr.File(label="Download", interactive=False)
-            r_go.click(app.render, [r_model, r_lora, r_use_last, r_prompt, r_steps, r_seed, r_resolution],
+            r_go.click(app.render, [r_model, r_lora, r_use_last, r_prompt, *r_controls],
                        [r_image, r_file], concurrency_limit=1, concurrency_id=GPU_QUEUE)
     demo.queue(default_concurrency_limit=1)
     demo.siso_app = app  # for tests and embedding

@@ -8,14 +8,16 @@ says so once.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
+from .config import IR_AUTO, RunSettings
 from .errors import SisoError
+from .model_ids import IR_KAGGLE_DATASET as KAGGLE_DATASET
 from .user_cache import cache_dir
 
-#: ``--ir-model`` value meaning "the cached conversion if there is one, else no IR loss"
-IR_AUTO = "auto"
-KAGGLE_DATASET = "louieshao/guieweights0732"
+Settings = TypeVar("Settings", bound=RunSettings)
 IR_SUBDIR = "ir-guie-vit-h-14"
 
 GET_IR = (
@@ -46,6 +48,21 @@ def resolve_ir_model(value: str | None) -> str | None:
         return value
     cached = cached_ir_dir()
     return str(cached) if cached is not None else None
+
+
+def resolve_ir(config: Settings) -> Settings:
+    """``config`` with ``ir_model`` ``auto`` replaced by the cached IR conversion, or None (DINO only)."""
+    ir_model = resolve_ir_model(config.ir_model)
+    if ir_model is None and config.similarity is not None and "ir" in config.similarity:
+        raise SisoError(f"{config.flag('similarity')} includes ir, but --ir-model {config.ir_model} found no IR "
+                        f"model. {GET_IR}")
+    return replace(config, ir_model=ir_model)
+
+
+def is_dino_only(config: RunSettings) -> bool:
+    """Whether a run of ``config`` will miss the paper's IR loss because no IR model was found
+    (what the one-line notice warns about; a run that chose ``--similarity dino`` is not told)."""
+    return config.similarity is None and config.ir_model == IR_AUTO and resolve_ir_model(IR_AUTO) is None
 
 
 def download_ir_checkpoint() -> Path:

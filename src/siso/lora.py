@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.training_utils import cast_training_params
@@ -17,7 +18,6 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from .backbones import Backbone
 from .files import FILE_MODE
 from .lora_layouts import canonical_layers, kohya_layers, kohya_metadata, kohya_prefixes
 
@@ -25,70 +25,88 @@ ADAPTER_NAME = "siso"
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "siso_lora_kohya.safetensors"
 
+if TYPE_CHECKING:
+    from .backbones import Backbone
+
 # component name -> {peft key: tensor}
 LoraState = dict[str, dict[str, torch.Tensor]]
 
 
-def attach_lora(backbone: Backbone, rank: int, train_text_encoder: bool, seed: int) -> list[torch.nn.Parameter]:
-    """Add a rank-``rank`` LoRA (alpha = rank, so scale 1) and return its parameters, in fp32.
+@dataclass
+class LoraAdapter:
+    """A run's own LoRA, kept apart from the backbone it sits on: the peft config and the trained
+    parameters of each component. A backbone shared by several runs (the web app's tabs, a benchmark
+    worker) may take it off between two of the run's iterations (:meth:`Backbone.reset`);
+    :func:`reattach_lora` puts back the very same parameter objects, so the optimiser's state stays valid."""
+
+    configs: dict[str, LoraConfig]
+    #: component -> module path -> ("A" or "B") -> the parameter
+    parameters: dict[str, dict[str, dict[str, torch.nn.Parameter]]] = field(default_factory=dict)
+
+    def all_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for modules in self.parameters.values() for pair in modules.values() for p in pair.values()]
+
+
+def attach_lora(backbone: Backbone, rank: int, train_text_encoder: bool, seed: int) -> LoraAdapter:
+    """Add a rank-``rank`` LoRA (alpha = rank, so scale 1), its parameters in fp32, and return it.
 
     Gaussian init: A random, B zero, so the first render equals the untouched model's. The init is
     drawn from ``seed`` without disturbing the global RNG, so a run is repeatable. The target modules
-    are the backbone class's (``lora_targets``, ``text_encoder_lora_targets``): diffusers' layout for
-    that family, so its pipeline's ``load_lora_weights`` takes our file.
+    are the family's (``preset.lora_targets``, ``preset.text_encoder_lora_targets``): diffusers'
+    layout for that family, so its pipeline's ``load_lora_weights`` takes our file.
     """
     type(backbone).check_options(backbone.model_id, train_text_encoder)
-    detach_lora(backbone)  # a reused (cached) backbone may carry the previous run's adapter
-    backbone.restore_text_encoders()  # ... and have parked its text encoders on the CPU
-    targets = {backbone.denoiser_name: backbone.lora_targets}
+    targets = {backbone.denoiser_name: backbone.preset.lora_targets}
     if train_text_encoder:
-        targets.update({name: backbone.text_encoder_lora_targets for name in backbone.text_encoder_names})
-    params: list[torch.nn.Parameter] = []
+        targets.update({name: backbone.preset.text_encoder_lora_targets for name in backbone.text_encoder_names})
+    adapter = LoraAdapter({name: LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                            target_modules=list(modules)) for name, modules in targets.items()})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for name, modules in targets.items():
+        for name, config in adapter.configs.items():
             model = getattr(backbone.pipeline, name)
-            config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(modules))
             # peft directly, not the libraries' add_adapter wrappers: transformers' one demands a
             # newer peft than diffusers', and the LoRA layers are the same either way.
             inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
             # Frozen weights may be bf16; the LoRA itself trains in fp32 (peft casts inputs to it).
             cast_training_params(model, torch.float32)
-            params.extend(p for p in model.parameters() if p.requires_grad)
-    return params
+            adapter.parameters[name] = _adapter_parameters(model)
+    return adapter
 
 
-def lora_parameter_groups(backbone: Backbone, text_encoder_lr: float | None = None,
+def reattach_lora(backbone: Backbone, adapter: LoraAdapter) -> None:
+    """Put ``adapter`` back on a backbone it was taken off: fresh LoRA layers, the adapter's own parameters."""
+    for name, config in adapter.configs.items():
+        model = getattr(backbone.pipeline, name)
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+        layers = {path: module for path, module in model.named_modules()
+                  if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in module.lora_A}
+        for path, pair in adapter.parameters[name].items():
+            layers[path].lora_A[ADAPTER_NAME].weight = pair["A"]
+            layers[path].lora_B[ADAPTER_NAME].weight = pair["B"]
+
+
+def _adapter_parameters(model: torch.nn.Module) -> dict[str, dict[str, torch.nn.Parameter]]:
+    return {path: {"A": module.lora_A[ADAPTER_NAME].weight, "B": module.lora_B[ADAPTER_NAME].weight}
+            for path, module in model.named_modules()
+            if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in module.lora_A}
+
+
+def lora_parameter_groups(adapter: LoraAdapter, denoiser_name: str, text_encoder_lr: float | None = None,
                           text_encoder_weight_decay: float | None = None) -> list[dict]:
-    """AdamW parameter groups of the attached LoRA: the denoiser's, then one for the text encoders'
-    with their own learning rate and weight decay where given (the FLUX reference trains its CLIP
-    LoRA at 5e-6 with weight decay 1e-3), else the optimiser's defaults."""
+    """AdamW parameter groups of ``adapter``: the denoiser's, then one for the text encoders' with
+    their own learning rate and weight decay where given (the FLUX reference trains its CLIP LoRA at
+    5e-6 with weight decay 1e-3), else the optimiser's defaults."""
     groups = []
-    for name in lora_components(backbone):
-        params = [p for p in getattr(backbone.pipeline, name).parameters() if p.requires_grad]
-        group: dict = {"params": params}
-        if name != backbone.denoiser_name:
+    for name, modules in adapter.parameters.items():
+        group: dict = {"params": [p for pair in modules.values() for p in pair.values()]}
+        if name != denoiser_name:
             if text_encoder_lr is not None:
                 group["lr"] = text_encoder_lr
             if text_encoder_weight_decay is not None:
                 group["weight_decay"] = text_encoder_weight_decay
         groups.append(group)
     return groups
-
-
-def detach_lora(backbone: Backbone) -> None:
-    """Remove our adapter everywhere; the model then computes exactly what it did before."""
-    for name in [backbone.denoiser_name, *backbone.text_encoder_names]:
-        model = getattr(backbone.pipeline, name, None)
-        configs = getattr(model, "peft_config", None)
-        if not configs or ADAPTER_NAME not in configs:
-            continue
-        for module in model.modules():
-            if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in module.lora_A:
-                module.delete_adapter(ADAPTER_NAME)
-        del configs[ADAPTER_NAME]
-        if not configs:
-            del model.peft_config
 
 
 def lora_components(backbone: Backbone) -> list[str]:
@@ -120,7 +138,7 @@ def save_lora(backbone: Backbone, state: LoraState, directory: str | Path,
     Files are written into a temporary sibling directory and moved into place, so an interrupted
     save never leaves a half-written LoRA.
     """
-    formats = backbone.default_lora_formats if formats is None else formats
+    formats = backbone.preset.lora_format if formats is None else formats
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     canonical = {name: canonical_layers(getattr(backbone.pipeline, name), layers) for name, layers in state.items()}
@@ -148,7 +166,8 @@ def kohya_file(backbone: Backbone, canonical: LoraState,
     """
     base = backbone.base_model()
     if base is None:
-        raise ValueError(f"{type(backbone).__name__} writes no kohya file (lora_formats {backbone.lora_formats})")
+        raise ValueError(f"{type(backbone).__name__} writes no kohya file (lora_formats "
+                         f"{backbone.preset.lora_formats})")
     prefixes = kohya_prefixes(backbone.denoiser_name, backbone.text_encoder_names)
     configs = {name: adapter_config(backbone, name) for name in canonical}
     tensors: dict[str, torch.Tensor] = {}
@@ -168,13 +187,3 @@ def adapter_config(backbone: Backbone, name: str) -> LoraConfig:
         # A kohya file has one alpha per layer, scaled by alpha / rank: no per-module patterns, no rsLoRA.
         raise ValueError(f"{name}'s adapter scales its layers in a way a kohya alpha cannot express")
     return config
-
-
-def load_lora_state(backbone: Backbone, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-    """Put a snapshot back into the live adapter (used to render the best LoRA again)."""
-    from peft.utils import set_peft_model_state_dict
-
-    for name, layers in state.items():
-        model = getattr(backbone.pipeline, name)
-        device = next(model.parameters()).device
-        set_peft_model_state_dict(model, {k: v.to(device) for k, v in layers.items()}, adapter_name=ADAPTER_NAME)

@@ -7,9 +7,9 @@ gets from ``pipe.load_lora_weights(run_dir / "lora")``.
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -21,11 +21,9 @@ from .devices import resolve_device, resolve_dtype
 from .errors import SisoError
 from .files import write_png
 from .images import tensor_to_pil
-from .lora import DIFFUSERS_WEIGHT_NAME, detach_lora
+from .lora import DIFFUSERS_WEIGHT_NAME
 from .models import ModelCache
-from .runs import check_writable
-
-_adapter_ids = itertools.count()
+from .run_directory import check_writable
 
 
 def check_lora_dir(lora: Path) -> None:
@@ -49,11 +47,11 @@ def check_lora_dir(lora: Path) -> None:
         ) from err
 
 
-def load_lora_file(backbone: Backbone, lora: Path, adapter_name: str | None = None) -> None:
+def load_lora_file(backbone: Backbone, lora: Path) -> None:
     """Load a LoRA directory (or one .safetensors file) the plain diffusers way."""
     location, weight_name = (lora, None) if lora.is_dir() else (lora.parent, lora.name)
     try:
-        backbone.pipeline.load_lora_weights(str(location), weight_name=weight_name, adapter_name=adapter_name)
+        backbone.pipeline.load_lora_weights(str(location), weight_name=weight_name)
     except (ValueError, KeyError, OSError, RuntimeError) as err:
         raise SisoError(
             f"The LoRA in {lora} does not fit {backbone.model_id} ({err.__class__.__name__}: {err}). "
@@ -61,31 +59,22 @@ def load_lora_file(backbone: Backbone, lora: Path, adapter_name: str | None = No
         ) from err
 
 
-def load_render_backbone(config: RenderConfig, cache: ModelCache | None = None) -> Backbone:
-    if config.lora is not None:
-        check_lora_dir(Path(config.lora))
-    device = resolve_device(config.device)
-    backbone = (cache or ModelCache()).backbone(config.model, device, resolve_dtype(config.dtype, device))
-    backbone.check_resolution(config.resolution)
-    return backbone
-
-
 @contextlib.contextmanager
-def lora_loaded(backbone: Backbone, lora: Path | None) -> Iterator[None]:
-    """Render with ``lora`` attached, then leave the (possibly cached) backbone as it was."""
-    detach_lora(backbone)  # an optimisation's own adapter, on a backbone shared with the web app
-    if lora is None:
-        yield
-        return
-    adapter_name = f"render_{next(_adapter_ids)}"
-    load_lora_file(backbone, Path(lora), adapter_name)
-    try:
-        yield
-    finally:
-        backbone.pipeline.delete_adapters(adapter_name)
+def render_backbone(config: RenderConfig, cache: ModelCache | None = None) -> Iterator[Backbone]:
+    """The backbone for ``config`` with its LoRA (if any) loaded the plain diffusers way, lent by
+    ``cache`` for the block and reset afterwards (the LoRA removed), however the block ends."""
+    if config.lora is not None:
+        check_lora_dir(config.lora)
+    device = resolve_device(config.device)
+    with (cache or ModelCache()).lease(config.model, device, resolve_dtype(config.dtype, device)) as backbone:
+        backbone.check_resolution(config.resolution)
+        if config.lora is not None:
+            load_lora_file(backbone, config.lora)
+        yield backbone
 
 
 def render_with(backbone: Backbone, config: RenderConfig) -> Image.Image:
+    """``config``'s prompt through the plain pipeline of ``backbone`` (with whatever LoRA it carries)."""
     steps = config.steps or backbone.preset.render_steps
     extra = dict(backbone.plain_pipeline_kwargs())
     if config.prompt_tokens is not None:
@@ -93,7 +82,6 @@ def render_with(backbone: Backbone, config: RenderConfig) -> Image.Image:
             raise SisoError(f"--prompt-tokens applies to FLUX and Sana pipelines (T5 / Gemma prompts); "
                             f"{backbone.model_id}'s CLIP prompts are always 77 tokens. Drop --prompt-tokens.")
         extra["max_sequence_length"] = config.prompt_tokens
-    backbone.restore_text_encoders()  # a cached backbone's optimisation may have parked them on the CPU
     generator = torch.Generator(backbone.device).manual_seed(config.seed)
     with torch.no_grad():
         images = backbone.pipeline(
@@ -104,19 +92,19 @@ def render_with(backbone: Backbone, config: RenderConfig) -> Image.Image:
 
 
 def render(model: str, prompt: str, lora: str | Path | None = None, out: str | Path | None = None, *,
-           steps: int | None = None, seed: int = 42, resolution: int = 512, device: str = "auto",
-           dtype: str = "auto", prompt_tokens: int | None = None) -> Image.Image:
-    """Render ``prompt`` with ``model`` plus an optional learned LoRA; write ``out`` if given."""
-    config = RenderConfig(model=model, prompt=prompt, lora=Path(lora) if lora else None, steps=steps, seed=seed,
-                          resolution=resolution, device=device, dtype=dtype, prompt_tokens=prompt_tokens)
+           cache: ModelCache | None = None, **options: Any) -> Image.Image:
+    """Render ``prompt`` with ``model`` plus an optional learned LoRA; write ``out`` if given.
+
+    ``options`` are :class:`RenderConfig` fields (``steps``, ``seed``, ``resolution``, ...).
+    """
+    config = RenderConfig(model=model, prompt=prompt, lora=lora, **options)
     if out is not None:
         if Path(out).suffix.lower() != ".png":
             raise SisoError(f"--out {out} must be a .png file path.")
         if Path(out).is_dir():
             raise SisoError(f"--out {out} is a directory; pass the path of the .png file to write.")
         check_writable(Path(out))  # before the model loads, not after the render
-    backbone = load_render_backbone(config)
-    with lora_loaded(backbone, config.lora):
+    with render_backbone(config, cache) as backbone:
         image = render_with(backbone, config)
     if out is not None:
         write_png(image, out)

@@ -16,16 +16,9 @@ import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-from ..config import BackbonePreset
-from .base import Backbone, Conditioning, cuda_memory_gib
-
-# The reference's FLUX LoRA (its siso_generation_flux.py default, as diffusers' FLUX DreamBooth
-# script): the attention projections of the image and text streams of the double blocks and of the
-# single blocks, plus the double blocks' feed-forward layers of both streams.
-FLUX_LORA_TARGETS = (
-    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-)
+from ..presets import FLUX_SCHNELL, BackbonePreset
+from .base import Backbone, Conditioning
+from .memory import cuda_memory_gib
 
 
 class FluxBackbone(Backbone):
@@ -33,18 +26,7 @@ class FluxBackbone(Backbone):
     denoiser_name: ClassVar[str] = "transformer"
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)  # CLIP
     frozen_text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder_2",)  # T5-XXL
-    lora_targets: ClassVar[tuple[str, ...]] = FLUX_LORA_TARGETS
-    # A kohya file in diffusers' key names does not load back: FLUX's kohya loaders expect Black
-    # Forest Labs' block names.
-    lora_formats: ClassVar[tuple[str, ...]] = ("diffusers",)
-    # FLUX.1-schnell as the reference runs it: one step while optimising (more gives poor images), no
-    # guidance, 4 to render; weight decay 1e-4; the CLIP text encoder's LoRA on, in its own AdamW
-    # group (lr 5e-6, weight decay 1e-3); T5 prompts of 256 tokens while optimising (512 to render).
-    preset: ClassVar[BackbonePreset] = BackbonePreset(
-        learning_rate=2e-4, weight_decay=1e-4, denoise_steps=1, grad_steps=1, guidance_scale=0.0, render_steps=4,
-        train_text_encoder=True, text_encoder_learning_rate=5e-6, text_encoder_weight_decay=1e-3,
-        prompt_max_tokens=256,
-    )
+    preset: ClassVar[BackbonePreset] = FLUX_SCHNELL
     #: Memory savers by GPU size (GiB), all exact. The thresholds rest on estimates (parameter counts
     #: plus the measured SD-Turbo/SDXL-Turbo overheads, 512 px, bf16, DINO + IR), not measurements:
     #: resident weights with activations kept ~40 GiB; with gradient checkpointing ~29 GiB in the
@@ -53,8 +35,8 @@ class FluxBackbone(Backbone):
     checkpointing_below_gib: ClassVar[float] = 64.0
     streaming_below_gib: ClassVar[float] = 36.0
 
-    def __init__(self, pipeline, model_id: str) -> None:
-        super().__init__(pipeline, model_id)
+    def __init__(self, pipeline, model_id: str, weights_variant: str | None = None) -> None:
+        super().__init__(pipeline, model_id, weights_variant)
         self._t5_cache: tuple[str, torch.Tensor] | None = None
 
     def place_on(self, device: torch.device) -> None:
@@ -73,7 +55,7 @@ class FluxBackbone(Backbone):
 
     def encode_prompt(self, prompt: str, resolution: int) -> Conditioning:
         pipe = self.pipeline
-        with self._text_encoders_on_device("text_encoder"):
+        with self.text_encoders_on_device("text_encoder"):
             pooled = pipe._get_clip_prompt_embeds(prompt=prompt, device=self.device, num_images_per_prompt=1)
         prompt_embeds = self._t5_embeds(prompt)
         # As FluxPipeline.encode_prompt: text position ids are zeros.
@@ -86,7 +68,7 @@ class FluxBackbone(Backbone):
         LoRA is trained and the prompt is encoded every iteration."""
         if self._t5_cache is not None and self._t5_cache[0] == prompt:
             return self._t5_cache[1]
-        with torch.no_grad(), self._text_encoders_on_device("text_encoder_2"):
+        with torch.no_grad(), self.text_encoders_on_device("text_encoder_2"):
             embeds = self.pipeline._get_t5_prompt_embeds(
                 prompt=prompt, num_images_per_prompt=1, max_sequence_length=self.prompt_max_tokens, device=self.device,
             )

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import BackbonePreset
+from ..presets import SANA, BackbonePreset
 from .base import Backbone, Conditioning
 
 
@@ -28,15 +28,7 @@ class SanaBackbone(Backbone):
         "Sana's text encoder is Gemma-2, a 2.6B-parameter language model that SISO keeps frozen "
         "(its reference runs Sana without a text-encoder LoRA, and SanaPipeline loads none)."
     )
-    # The reference SISO code's and diffusers' train_dreambooth_lora_sana.py's default.
-    lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v")
-    lora_formats: ClassVar[tuple[str, ...]] = ("diffusers",)  # SanaPipeline loads no kohya files
-    # The reference's Sana command: 20 steps, gradients through the last 3, guidance 4.5, lr 8e-4,
-    # weight decay 1e-4, patience 5, Gemma prompts of 256 tokens while optimising (300 to render).
-    preset: ClassVar[BackbonePreset] = BackbonePreset(
-        learning_rate=8e-4, weight_decay=1e-4, denoise_steps=20, grad_steps=3, guidance_scale=4.5,
-        early_stop_patience=5, render_steps=20, prompt_max_tokens=256,
-    )
+    preset: ClassVar[BackbonePreset] = SANA
     #: SanaPipeline's check_inputs: image sides must be multiples of 32.
     pipeline_multiple: ClassVar[int] = 32
 
@@ -61,7 +53,7 @@ class SanaBackbone(Backbone):
         return {"use_resolution_binning": False}
 
     def encode_prompt(self, prompt: str, resolution: int) -> Conditioning:
-        with self._text_encoders_on_device(*self.frozen_text_encoder_names):
+        with self.text_encoders_on_device(*self.frozen_text_encoder_names):
             embeds, mask, negative_embeds, negative_mask = self.pipeline.encode_prompt(
                 prompt,
                 self.do_classifier_free_guidance,

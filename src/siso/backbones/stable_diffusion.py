@@ -7,8 +7,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import BackbonePreset
 from ..lora_layouts import SD1, SD2_512, SD2_768_V, BaseModel
+from ..presets import SD_TURBO, BackbonePreset
 from .base import Backbone, Conditioning
 
 #: The text encoder's width tells SD 2.x (OpenCLIP ViT-H/14) from SD 1.x (CLIP ViT-L/14, 768).
@@ -18,9 +18,7 @@ OPENCLIP_VIT_H_WIDTH = 1024
 class StableDiffusionBackbone(Backbone):
     pipeline_classes: ClassVar[tuple[str, ...]] = ("StableDiffusionPipeline",)
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
-    # The kohya file is small and is what ComfyUI and A1111 load, so it is written by default too.
-    default_lora_formats: ClassVar[tuple[str, ...]] = ("diffusers", "kohya")
-    preset: ClassVar[BackbonePreset] = BackbonePreset(learning_rate=2e-4, render_steps=4)
+    preset: ClassVar[BackbonePreset] = SD_TURBO
     # What each part keeps for backward at 512 px in bf16, counted on the CPU with the real
     # architectures (saved-tensor hooks, random weights): UNet 1.1 GiB (0.15 checkpointed), VAE
     # decoder 2.8 (0.4 checkpointed), DINOv2-L at 518 px 1.2, IR at 290 px 1.6. The H200 reference
@@ -45,7 +43,7 @@ class StableDiffusionBackbone(Backbone):
         return self.pipeline.vae_scale_factor * 2**downsamplings
 
     def encode_prompt(self, prompt: str, resolution: int) -> Conditioning:
-        with self._text_encoders_on_device(*self.text_encoder_names):
+        with self.text_encoders_on_device(*self.text_encoder_names):
             prompt_embeds, _ = self.pipeline.encode_prompt(prompt, self.device, 1, False)
         return {"prompt_embeds": prompt_embeds}
 

@@ -7,8 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from ..config import BackbonePreset
 from ..lora_layouts import SDXL_BASE, BaseModel
+from ..presets import SDXL_TURBO, BackbonePreset
 from .base import Conditioning
 from .stable_diffusion import StableDiffusionBackbone
 
@@ -16,8 +16,7 @@ from .stable_diffusion import StableDiffusionBackbone
 class StableDiffusionXLBackbone(StableDiffusionBackbone):
     pipeline_classes: ClassVar[tuple[str, ...]] = ("StableDiffusionXLPipeline",)
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
-    # The reference runs SDXL-Turbo with the text encoders' LoRA on, in the denoiser's AdamW group.
-    preset: ClassVar[BackbonePreset] = BackbonePreset(learning_rate=2e-4, render_steps=4, train_text_encoder=True)
+    preset: ClassVar[BackbonePreset] = SDXL_TURBO
     # As SD-Turbo's (same VAE and similarity models), with the larger UNet: ~2.1 GiB kept at 512 px
     # (scaled from SD-Turbo's count; 0.16 checkpointed). The H200 reference run: peak 14.2 GiB with
     # ~6.7 GiB of weights, so ~7.5 GiB of activations. Estimates, not GPU peaks.
@@ -30,7 +29,7 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
 
     def encode_prompt(self, prompt: str, resolution: int) -> Conditioning:
         pipe = self.pipeline
-        with self._text_encoders_on_device(*self.text_encoder_names):
+        with self.text_encoders_on_device(*self.text_encoder_names):
             prompt_embeds, _, pooled, _ = pipe.encode_prompt(
                 prompt=prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )

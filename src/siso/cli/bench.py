@@ -1,73 +1,71 @@
 """`siso bench`: measure SISO like the paper, resumably, on one process or a Ray cluster.
 
-A thin typed layer over :func:`siso.eval.run_bench`; heavy imports wait until the command runs.
+A thin layer over :func:`siso.eval.run_bench`. Its options are derived from the benchmark's settings
+(:class:`siso.eval.settings.BenchSettings`, :class:`~siso.eval.settings.ExecutorSettings`) and from
+both tasks' run knobs (:class:`siso.config.GenerateSettings`, :class:`~siso.config.EditSettings`):
+a knob of one task given with the other ``--task`` is refused. Heavy imports wait until it runs.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from ..config import DEFAULT_DINO_MODEL, DEFAULT_EDITING_MODEL, DEFAULT_GENERATION_MODEL
+from ..config import EditSettings, GenerateSettings, RunSettings
+from ..eval.settings import RUN_SETTINGS, BenchSettings, ExecutorSettings
+from ..knobs import knobs
+from .options import command, default_text, given, knob_parameter, knob_parameters
 
-_DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-_DEFAULT_CMMD = "openai/clip-vit-large-patch14-336"
-_DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-base"
+PANELS = {"generate": "Run knobs, --task generate", "edit": "Run knobs, --task edit"}
 
 
-def bench(
-    out: Annotated[Path, typer.Option(help="Benchmark directory; rerun with the same options to resume.")],
+def _run_parameters() -> list[inspect.Parameter]:
+    """Every run knob of either task, once: shared knobs whose defaults differ by task say both."""
+    shared, generate, edit = knobs(RunSettings), knobs(GenerateSettings), knobs(EditSettings)
+    every = {**generate, **edit}
+    parameters = []
+    for name, spec in every.items():
+        if not spec.cli:
+            continue
+        fallback = every[spec.fallback].option if spec.fallback else None
+        if name in shared:
+            texts = {task: default_text(specs[name], long_lived=True) for task, specs in
+                     (("generate", generate), ("edit", edit))}
+            if texts["generate"] != texts["edit"]:
+                spec = _with_help(spec, f"{shared[name].help} [default: --task generate: {texts['generate']}; "
+                                        f"--task edit: {texts['edit']}]")
+            parameters.append(knob_parameter(spec, long_lived=True, panel="Run knobs, both tasks"))
+        else:
+            task = "generate" if name in generate else "edit"
+            parameters.append(knob_parameter(spec, long_lived=True, panel=PANELS[task], fallback=fallback))
+    return parameters
+
+
+def _with_help(spec, help_with_default: str):
+    """``spec`` whose help already states its default (a Knob with no default of its own to show)."""
+    from dataclasses import MISSING, replace
+
+    return replace(spec, help=help_with_default, default=None, preset=None, long_lived=MISSING)
+
+
+def _bench(
+    out: Annotated[Path, typer.Option(metavar="PATH",
+                                      help="Benchmark directory; rerun with the same options to resume.")],
     manifest: Annotated[Path | None, typer.Argument(
+        metavar="MANIFEST",
         help="JSONL manifest, one subject per line: {\"id\", \"class\", \"images\": [...], \"prompts\": [...]} "
              "(editing: \"scene\" instead of prompts).")] = None,
     dreambench: Annotated[Path | None, typer.Option(
-        help="Build the generation manifest from the DreamBooth dataset (its dataset/ folder): 30 subjects x 25 "
-             "prompts.")] = None,
-    task: Annotated[str, typer.Option(help="generate or edit.")] = "generate",
-    subjects: Annotated[str | None, typer.Option(help="Comma-separated ids/subjects to run (default: all).")] = None,
-    max_prompts: Annotated[int | None, typer.Option(help="Render at most this many prompts per subject.")] = None,
-    baseline: Annotated[str, typer.Option(
-        help="plain: also render every prompt with the untouched model (same seeds); it is the FID/KID/CMMD "
-             "reference set.")] = "none",
-    executor: Annotated[str, typer.Option(help="local (this process) or ray (one worker per GPU).")] = "local",
-    ray_address: Annotated[str | None, typer.Option(
-        help="Existing Ray cluster to join (e.g. auto or ray://head:10001); default: start Ray here.")] = None,
-    workers: Annotated[int | None, typer.Option(
-        help="Ray workers (default: one per GPU in the cluster; 1 without GPUs).")] = None,
-    model: Annotated[str | None, typer.Option(help=(
-        f"Hub id or directory of the diffusers pipeline (default: {DEFAULT_GENERATION_MODEL} to generate, "
-        f"{DEFAULT_EDITING_MODEL} to edit)."))] = None,
-    dino_model: Annotated[str, typer.Option(help="DINOv2 (loss and DINO metric).")] = DEFAULT_DINO_MODEL,
-    ir_model: Annotated[str, typer.Option(
-        help="IR model directory from `siso convert-ir` (adds the IR loss and metric); auto: the one `siso "
-             "convert-ir --download` cached, if any; none: no IR.")] = "auto",
-    clip_model: Annotated[str, typer.Option(help="CLIP for CLIP-I and CLIP-T.")] = _DEFAULT_CLIP,
-    cmmd_model: Annotated[str, typer.Option(help="CLIP for CMMD.")] = _DEFAULT_CMMD,
-    detector_model: Annotated[str, typer.Option(
-        help="Grounding DINO that crops images to the subject for DINO/IR/CLIP-I.")] = _DEFAULT_DETECTOR,
-    no_crop: Annotated[bool, typer.Option("--no-crop", help="Compare whole images (no Grounding DINO).")] = False,
-    fid_features: Annotated[str, typer.Option(
-        help="FID/KID features: inception (as in the paper; needs torch-fidelity), dino or clip.")] = "inception",
-    inception_weights: Annotated[Path | None, typer.Option(
-        help="Local copy of the FID Inception weights (pt_inception-2015-12-05-6726825d.pth).")] = None,
-    max_steps: Annotated[int, typer.Option(help="Most optimisation iterations per subject.")] = 50,
-    lr: Annotated[float | None, typer.Option(
-        help="AdamW learning rate (default: the backbone's to generate, 3e-4 to edit).")] = None,
-    resolution: Annotated[int, typer.Option(help="Image side in pixels.")] = 512,
-    render_steps: Annotated[int | None, typer.Option(
-        help="Denoising steps when rendering the prompts (default: the backbone's, 4).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for optimisation and every render.")] = 42,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
-    compile: Annotated[bool | None, typer.Option(
-        "--compile/--no-compile",
-        help="torch.compile the models (default: on for CUDA GPUs): each worker keeps its models loaded, so the "
-             "first item's compile (cached on disk) pays back over the others.")] = None,
-    low_memory: Annotated[bool | None, typer.Option(
-        "--low-memory/--no-low-memory",
-        help="Gradient checkpointing (exact): on, off, or (default) chosen from the GPU's free memory.")] = None,
+        metavar="PATH", help="Build the generation manifest from the DreamBooth dataset (its dataset/ folder): 30 "
+                             "subjects x 25 prompts.")] = None,
+    subjects: Annotated[str | None, typer.Option(
+        metavar="A,B", help="Comma-separated ids/subjects to run (unset: all).")] = None,
+    max_prompts: Annotated[int | None, typer.Option(
+        metavar="INT", help="Render at most this many prompts per subject.")] = None,
+    **values: Any,
 ) -> None:
     """Benchmark SISO on a manifest of subjects: optimise, render every prompt, score, summarise.
 
@@ -78,38 +76,30 @@ def bench(
     from ..errors import EXIT_FAILED_ITEMS, SisoError
     from ..eval.manifest import dreambench_items, read_manifest, select
     from ..eval.runner import run_bench
-    from ..eval.settings import BenchSettings
-    from .options import ir_model_option
     from .output import console, quiet_libraries
 
     if (manifest is None) == (dreambench is None):
         raise SisoError("Pass either a MANIFEST file or --dreambench PATH (not both).")
+    bench = given(BenchSettings, values)
+    task = bench.get("task", "generate")
+    other = "edit" if task == "generate" else "generate"
+    stray = [name for name in given(RUN_SETTINGS[other], values) if name not in knobs(RUN_SETTINGS[task])]
+    if stray:
+        flags = ", ".join(RUN_SETTINGS[other].flag(name) for name in stray)
+        raise SisoError(f"{flags} applies to --task {other}; this benchmark runs --task {task}.")
+    run = RUN_SETTINGS[task](**given(RUN_SETTINGS[task], values, long_lived=True))
+    settings = BenchSettings(run=run, **bench)
+    executor = ExecutorSettings(**given(ExecutorSettings, values))
     quiet_libraries()
     items = dreambench_items(dreambench) if dreambench is not None else read_manifest(manifest)
     wanted = [s.strip() for s in subjects.split(",") if s.strip()] if subjects else None
     if max_prompts is not None and max_prompts < 1:
         raise SisoError(f"--max-prompts must be >= 1, got {max_prompts}.")
     items = select(items, wanted, max_prompts)
-    options = {"model": model, "dino_model": dino_model, "ir_model": ir_model_option(ir_model), "max_steps": max_steps,
-               "learning_rate": lr, "resolution": resolution, "seed": seed, "device": device, "dtype": dtype}
-    if task == "edit" and not no_crop:
-        options["detector_model"] = detector_model  # the same Grounding DINO finds the object to replace
-    options = {k: v for k, v in options.items() if v is not None or k == "ir_model"}
-    options["compile"] = compile  # None is kept: auto, on for GPUs (the configs' own default is off)
-    if low_memory is not None:
-        options["low_memory"] = low_memory
-    settings = BenchSettings(
-        task=task, options=options,
-        render_steps=render_steps,
-        baseline=baseline, clip_model=clip_model,
-        cmmd_model=cmmd_model, detector_model=None if no_crop else detector_model, fid_features=fid_features,
-        inception_weights=str(inception_weights) if inception_weights else None,
-    )
     if settings.notice:
         console.print(f"[yellow]{escape(settings.notice)}[/]")
     with _RichProgress(console) as progress:
-        report = run_bench(items, settings, out, executor=executor, ray_address=ray_address, workers=workers,
-                           progress=progress)
+        report = run_bench(items, settings, out, executor=executor, progress=progress)
     summary = report.summary
     console.print(f"[green]Done[/]: {len(report.done)} subjects run now, {report.skipped} finished earlier, "
                   f"{len(report.failed)} failed.")
@@ -153,7 +143,7 @@ class _RichProgress:
         self.status.start()  # transient: gone when the bar appears, or when an error is printed
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *_exc_info):
         self.status.stop()
         if self.task is not None:
             self.progress.stop()
@@ -181,3 +171,7 @@ class _RichProgress:
         from rich.markup import escape
 
         self.console.print(f"[yellow]Retrying[/] {escape(item.id)} after: {escape(error)}")
+
+
+bench = command(_bench, knob_parameters(BenchSettings, exclude=("run",)), knob_parameters(ExecutorSettings),
+                _run_parameters())

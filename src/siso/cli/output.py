@@ -8,7 +8,7 @@ import logging
 import signal
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -25,8 +25,6 @@ STOP_REASONS = {
 }
 #: exit codes after a stop by signal, as shells report a process killed by it (128 + the signal)
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-Result = TypeVar("Result")
 
 
 def quiet_libraries() -> None:
@@ -117,41 +115,65 @@ class StopSignals:
 
 def similarity_hint(config: Any) -> None:
     """Say once, plainly, when a run will not use the paper's DINO + IR loss because no IR model is found."""
-    from ..ir_cache import DINO_ONLY_NOTICE, IR_AUTO
+    from ..ir_cache import DINO_ONLY_NOTICE, is_dino_only
 
-    if config.similarity is None and config.ir_model == IR_AUTO and "ir" not in config.similarity_names:
+    if is_dino_only(config):
         console.print(f"[yellow]{escape(DINO_ONLY_NOTICE)}[/]")
 
 
-def run_with_progress(start: Callable[..., Result], max_steps: int,
-                      on_session: Callable[[Any], None] | None = None,
-                      signals: StopSignals | None = None) -> Result:
-    """Run ``start(on_step=, status=, on_session=)`` (``run_generation``-shaped) under a progress bar,
-    with Ctrl-C and SIGTERM wired to the session's ``request_stop``; ``on_session`` is called once it
-    is ready."""
+@contextlib.contextmanager
+def status_lines(show: Callable[[str], None]) -> Iterator[None]:
+    """Route siso's status messages (``logging`` INFO on the ``siso`` loggers) to ``show`` while the
+    block runs; its warnings are printed. Library users see them only if they configure logging."""
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if record.levelno >= logging.WARNING:
+                console.print(f"[yellow]{escape(message)}[/]", highlight=False)
+            else:
+                show(message)
+
+    logger = logging.getLogger("siso")
+    handler, level = Handler(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def follow(start: Callable[[], Any], max_steps: int, announce: Callable[[Any], None] | None = None,
+           signals: StopSignals | None = None) -> Any:
+    """Start a run (``start()`` returns a :class:`siso.run.Run`) and iterate it under a progress bar,
+    with Ctrl-C and SIGTERM wired to its ``request_stop``; ``announce(session)`` prints what the task
+    found before the loop. Returns the run's result; the backbone is handed back however it ends."""
     signals = signals if signals is not None else StopSignals()
     progress = Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[losses]}"), TimeElapsedColumn(), console=console, transient=False,
     )
-    stack = contextlib.ExitStack()
-    with progress, stack:
+    with progress:
         task = progress.add_task("Loading", total=max_steps, losses="")
-
-        def session_ready(session) -> None:
-            stack.enter_context(signals.stopping(session.request_stop))
+        with status_lines(lambda message: progress.update(task, description=escape(message))):
+            run = start()
+        try:
+            session = run.session
             console.print(escape(settings_line(session)), highlight=False)
-            if on_session is not None:
-                on_session(session)
+            announce_speed(session)
+            if announce is not None:
+                announce(session)
             progress.update(task, description="Optimising", total=session.config.max_steps)
-
-        def on_step(event) -> None:
-            parts = [f"{k} {v:.4f}" for k, v in event.losses.items() if k != "step"]
-            parts.append(f"best step {event.best_step}")
-            progress.update(task, completed=event.step + 1, losses=" | ".join(parts))
-
-        return start(on_step=on_step, status=lambda message: progress.update(task, description=escape(message)),
-                     on_session=session_ready)
+            with signals.stopping(run.request_stop):
+                for event in run.steps():
+                    parts = [f"{k} {v:.4f}" for k, v in event.losses.items() if k != "step"]
+                    parts.append(f"best step {event.best_step}")
+                    progress.update(task, completed=event.step + 1, losses=" | ".join(parts))
+            return run.finish()
+        finally:
+            run.close()
 
 
 def exit_after_signal(result: Any, signals: StopSignals) -> None:

@@ -1,37 +1,30 @@
-"""`siso render`: the second stage, any prompt with a learned LoRA through the plain diffusers pipeline."""
+"""`siso render`: the second stage, any prompt with a learned LoRA through the plain diffusers pipeline.
+Its options are :class:`siso.config.RenderConfig`'s."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
-from .options import Device, Dtype, Resolution, Seed
+from ..config import RenderConfig
+from .options import command, given, knob_parameters
 from .output import announce_device, console, quiet_libraries
 
 
-def render(
-    model: Annotated[str, typer.Option(help="The model the LoRA was learned on (Hub id or directory).")],
-    prompt: Annotated[str, typer.Option(help="Any prompt; name the subject's class, e.g. 'a dog in the snow'.")],
-    out: Annotated[Path, typer.Option(help="PNG file to write.")],
-    lora: Annotated[Path | None, typer.Option(help="The lora/ directory of a siso run.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the backbone's: 4; Sana 20).")] = None,
-    seed: Seed = 42,
-    resolution: Resolution = 512,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    prompt_tokens: Annotated[int | None, typer.Option(
-        help="FLUX/Sana prompt length (default: the pipeline's, FLUX 512, Sana 300); the optimisation used 256, "
-             "so 256 with --steps 1 (FLUX) renders its best image again.")] = None,
-) -> None:
+def _render(out: Annotated[Path, typer.Option(help="PNG file to write.")], **knobs: Any) -> None:
     """Render PROMPT with a learned LoRA (the second stage: more steps, any prompt)."""
     from ..rendering import render as render_image
 
     quiet_libraries()
-    announce_device(device, dtype)
-    with console.status(f"Rendering with {escape(model)}"):
-        render_image(model, prompt, lora=lora, out=out, steps=steps, seed=seed, resolution=resolution,
-                     device=device, dtype=dtype, prompt_tokens=prompt_tokens)
+    values = given(RenderConfig, knobs)
+    config = RenderConfig(**values)  # every check before the device line and before any model loads
+    announce_device(config.device, config.dtype)
+    with console.status(f"Rendering with {escape(config.model)}"):
+        render_image(out=out, **values)
     console.print(f"[green]Wrote[/] {escape(str(out))}")
+
+
+render = command(_render, knob_parameters(RenderConfig))

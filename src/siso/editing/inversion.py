@@ -8,7 +8,7 @@ forward-noised latent's prediction. For an ancestral sampler, whose steps add fi
 per-step noise is then nudged so the forward step lands where it should ("noise correction").
 
 The samplers here are stateless (the step index comes from the timestep) and take their step noise
-as an argument, so the edit's many renders through :func:`siso.backbones.base.render` all sample
+as an argument, so the edit's many renders through :func:`siso.backbones.sampling.render` all sample
 the same trajectory. Numbers are ReNoise's defaults as the SISO reference runs them (method-facts).
 """
 
@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 
-from ..backbones.base import Backbone, Conditioning, StartPoint, scheduler_swapped
+from ..backbones.base import Backbone, Conditioning
+from ..backbones.sampling import StartPoint, scheduler_swapped
 from ..errors import SisoError
 
 SAMPLERS = ("ddim", "euler_ancestral")
@@ -390,7 +391,7 @@ def _corrected_noise(predict: Predict, sampler: AncestralSampler, latents: torch
 @torch.no_grad()
 def denoise_latents(backbone: Backbone, cond: Conditioning, start: StartPoint) -> torch.Tensor:
     """Run ``start`` to the end and return the final latents (a measurement; the edit itself renders
-    through :func:`siso.backbones.base.render`)."""
+    through :func:`siso.backbones.sampling.render`)."""
     latents = start.latents
     kwargs = start.step_kwargs or [{}] * len(start.timesteps)
     with scheduler_swapped(backbone, start.scheduler):

@@ -12,11 +12,9 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import SisoError
+from ..model_ids import CLIP_MODEL
 from ..similarity.base import Preprocessing, SimilarityModel
 from ..similarity.ir import CLIP_MEAN, CLIP_STD
-
-DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # CLIP-I and CLIP-T
-DEFAULT_CMMD_MODEL = "openai/clip-vit-large-patch14-336"  # CMMD (Jayasumana et al. 2024)
 
 
 def _pooled(output) -> torch.Tensor:
@@ -51,14 +49,14 @@ class CLIPEmbedder(SimilarityModel):
         return _pooled(output).float()
 
     @classmethod
-    def from_pretrained(cls, source: str = DEFAULT_CLIP_MODEL, device: torch.device | str = "cpu",
+    def from_pretrained(cls, source: str = CLIP_MODEL, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32) -> CLIPEmbedder:
         from transformers import AutoTokenizer, CLIPModel, PretrainedConfig
 
         try:
             model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
             if model_type != "clip":
-                raise SisoError(f"{source} is a {model_type} model, not CLIP; pass e.g. {DEFAULT_CLIP_MODEL}.")
+                raise SisoError(f"{source} is a {model_type} model, not CLIP; pass e.g. {CLIP_MODEL}.")
             model = CLIPModel.from_pretrained(source, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(source)
         except SisoError:
@@ -66,7 +64,7 @@ class CLIPEmbedder(SimilarityModel):
         except Exception as err:  # hub errors come in many types; the message is what matters
             raise SisoError(
                 f"Could not load the CLIP model {source!r} ({err.__class__.__name__}: {err}). Pass a Hub id such "
-                f"as {DEFAULT_CLIP_MODEL} or a local directory with a CLIP model and its tokenizer (the first use "
+                f"as {CLIP_MODEL} or a local directory with a CLIP model and its tokenizer (the first use "
                 "of a Hub id needs internet access)."
             ) from err
         return cls(model.to(device).eval().requires_grad_(False), tokenizer)

@@ -163,6 +163,7 @@ class CMMD(torchmetrics.Metric):
     @classmethod
     def from_pretrained(cls, source: str | None = None, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32) -> CMMD:
-        from .clip import DEFAULT_CMMD_MODEL, CLIPEmbedder
+        from ..model_ids import CMMD_MODEL
+        from .clip import CLIPEmbedder
 
-        return cls(CLIPEmbedder.from_pretrained(source or DEFAULT_CMMD_MODEL, device=device, dtype=dtype))
+        return cls(CLIPEmbedder.from_pretrained(source or CMMD_MODEL, device=device, dtype=dtype))

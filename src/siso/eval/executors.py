@@ -15,10 +15,9 @@ from typing import Any
 from ..errors import SisoError
 from ._deps import require
 from .manifest import BenchItem
-from .settings import BenchSettings
+from .settings import BenchSettings, ExecutorSettings
 from .worker import ItemWorker
 
-EXECUTORS = ("local", "ray")
 # Passed on to Ray workers, so they find models the way this process does.
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT", "TRANSFORMERS_VERBOSITY",
                   "DIFFUSERS_VERBOSITY", "SISO_DREAMBENCH")
@@ -169,13 +168,7 @@ class RayExecutor:
             self.started_ray = False
 
 
-def make_executor(name: str, settings: BenchSettings, out_dir: Path, ray_address: str | None = None,
-                  workers: int | None = None):
-    if name == "local":
-        if ray_address or workers:
-            raise SisoError("--ray-address and --workers need --executor ray; the local executor runs one item "
-                            "at a time in this process.")
-        return LocalExecutor(settings, out_dir)
-    if name == "ray":
-        return RayExecutor(settings, out_dir, ray_address, workers)
-    raise SisoError(f"--executor must be one of {', '.join(EXECUTORS)}, got {name!r}.")
+def make_executor(executor: ExecutorSettings, settings: BenchSettings, out_dir: Path):
+    if executor.executor == "ray":
+        return RayExecutor(settings, out_dir, executor.ray_address, executor.workers)
+    return LocalExecutor(settings, out_dir)

@@ -15,12 +15,14 @@ References (the subject photo) may be a single image, which is compared with eve
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model_ids import CLIP_MODEL, DINO_MODEL
 from ._deps import require
 from .cropping import Cropper, crop_to_boxes
 
@@ -71,7 +73,14 @@ def fit_to(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 class PerImageMetric(torchmetrics.Metric):
-    """A metric with one score per image: ``score`` computes them, ``compute`` averages them."""
+    """A metric with one score per image: ``score`` computes them, ``update`` keeps them,
+    ``per_image`` gives them back in order and ``compute`` averages them.
+
+    Inputs are named alike across the metrics (``preds``, ``target`` the subject photo, ``labels``,
+    ``prompts``, ``scene``, ``subject_mask``), and ``update`` takes exactly ``score``'s arguments,
+    so a ``torchmetrics.MetricCollection`` of them is updated with one call and hands each metric
+    the inputs it names.
+    """
 
     full_state_update = False
     higher_is_better: bool = True
@@ -80,6 +89,8 @@ class PerImageMetric(torchmetrics.Metric):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.add_state("scores", default=[], dist_reduce_fx="cat")
+        # What a MetricCollection reads to pass each metric only the keyword inputs it takes.
+        self._update_signature = inspect.signature(self.score)
 
     def score(self, *args, **kwargs) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -87,8 +98,12 @@ class PerImageMetric(torchmetrics.Metric):
     def update(self, *args, **kwargs) -> None:
         self.scores.append(self.score(*args, **kwargs))
 
+    def per_image(self) -> torch.Tensor:
+        """Every image's score since the last reset, in the order they were given."""
+        return dim_zero_cat(self.scores)
+
     def compute(self) -> torch.Tensor:
-        return dim_zero_cat(self.scores).mean()
+        return self.per_image().mean()
 
 
 class IdentitySimilarity(PerImageMetric):
@@ -106,6 +121,9 @@ class IdentitySimilarity(PerImageMetric):
         super().__init__(**kwargs)
         self.embedder = embedder
         self.cropper = cropper
+        # The last reference embedded (the subject photo, given again with every batch): the tensor
+        # itself is kept, so ``is`` cannot match a new tensor at a reused address.
+        self._reference: tuple[torch.Tensor, list[str] | None, torch.Tensor] | None = None
 
     def embed_images(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         """Embed (1, 3, h, w) images of different sizes (crops) with one batched forward pass."""
@@ -129,18 +147,28 @@ class IdentitySimilarity(PerImageMetric):
         _check_images(preds, "preds")
         count = preds.shape[0]
         names = _labels(labels, count) if self.cropper is not None else None
-        if target.shape[0] == 1 and count > 1:  # one subject photo: embed it once
-            reference = self._embed(_broadcast(target, 1, "target"), names[:1] if names else None).expand(count, -1)
+        if target.shape[0] == 1:  # one subject photo: embed it once, however many batches compare with it
+            labels_one = names[:1] if names else None
+            cached = self._reference
+            if cached is None or cached[0] is not target or cached[1] != labels_one or torch.is_grad_enabled():
+                cached = (target, labels_one, self._embed(_broadcast(target, 1, "target"), labels_one))
+                if not torch.is_grad_enabled():
+                    self._reference = cached
+            reference = cached[2].expand(count, -1)
         else:
             reference = self._embed(_broadcast(target, count, "target"), names)
         return F.cosine_similarity(self._embed(preds, names), reference, dim=-1)
+
+    def reset(self) -> None:
+        super().reset()
+        self._reference = None
 
 
 class DINOScore(IdentitySimilarity):
     """Identity similarity with DINOv2's CLS embedding (instance-level; strongest on animals)."""
 
     @classmethod
-    def from_pretrained(cls, source: str = "facebook/dinov2-large", cropper: Cropper | None = None,
+    def from_pretrained(cls, source: str = DINO_MODEL, cropper: Cropper | None = None,
                         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> DINOScore:
         from ..similarity import DinoSimilarity
 
@@ -164,9 +192,9 @@ class CLIPIScore(IdentitySimilarity):
     @classmethod
     def from_pretrained(cls, source: str | None = None, cropper: Cropper | None = None,
                         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> CLIPIScore:
-        from .clip import DEFAULT_CLIP_MODEL, CLIPEmbedder
+        from .clip import CLIPEmbedder
 
-        return cls(CLIPEmbedder.from_pretrained(source or DEFAULT_CLIP_MODEL, device=device, dtype=dtype), cropper)
+        return cls(CLIPEmbedder.from_pretrained(source or CLIP_MODEL, device=device, dtype=dtype), cropper)
 
 
 class CLIPTScore(PerImageMetric):
@@ -183,17 +211,17 @@ class CLIPTScore(PerImageMetric):
         super().__init__(**kwargs)
         self.clip = clip
 
-    def score(self, images: torch.Tensor, prompts: str | Sequence[str]) -> torch.Tensor:
-        _check_images(images, "images")
-        prompts = _labels(prompts, images.shape[0])
-        return F.cosine_similarity(self.clip.embed(images), self.clip.embed_text(prompts), dim=-1)
+    def score(self, preds: torch.Tensor, prompts: str | Sequence[str]) -> torch.Tensor:
+        _check_images(preds, "preds")
+        prompts = _labels(prompts, preds.shape[0])
+        return F.cosine_similarity(self.clip.embed(preds), self.clip.embed_text(prompts), dim=-1)
 
     @classmethod
     def from_pretrained(cls, source: str | None = None, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32) -> CLIPTScore:
-        from .clip import DEFAULT_CLIP_MODEL, CLIPEmbedder
+        from .clip import CLIPEmbedder
 
-        return cls(CLIPEmbedder.from_pretrained(source or DEFAULT_CLIP_MODEL, device=device, dtype=dtype))
+        return cls(CLIPEmbedder.from_pretrained(source or CLIP_MODEL, device=device, dtype=dtype))
 
 
 LpipsNet = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -227,12 +255,13 @@ class BackgroundLPIPS(PerImageMetric):
         super().__init__(**kwargs)
         self.net = net if net is not None else default_lpips_net(net_type)
 
-    def score(self, preds: torch.Tensor, target: torch.Tensor, subject_mask: torch.Tensor) -> torch.Tensor:
-        """``subject_mask``: (B or 1, [1,] H, W) in [0, 1], 1 on the subject (the edited region)."""
+    def score(self, preds: torch.Tensor, scene: torch.Tensor, subject_mask: torch.Tensor) -> torch.Tensor:
+        """``scene``: the input image(s) the edit started from; ``subject_mask``: (B or 1, [1,] H, W) in
+        [0, 1], 1 on the subject (the edited region)."""
         _check_images(preds, "preds")
-        target = _broadcast(target, preds.shape[0], "target")
+        target = _broadcast(scene, preds.shape[0], "scene")
         if target.shape[-2:] != preds.shape[-2:]:
-            raise ValueError(f"preds {tuple(preds.shape[-2:])} and target {tuple(target.shape[-2:])} differ in size")
+            raise ValueError(f"preds {tuple(preds.shape[-2:])} and scene {tuple(target.shape[-2:])} differ in size")
         mask = subject_mask.to(preds.dtype)
         if mask.ndim == 3:
             mask = mask[:, None]
@@ -254,7 +283,8 @@ class DiversityMSE(PerImageMetric):
     higher_is_better = True
     is_differentiable = True
 
-    def score(self, preds: torch.Tensor, subject: torch.Tensor) -> torch.Tensor:
+    def score(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``target``: the subject photo (one, or one per image)."""
         _check_images(preds, "preds")
-        subject = fit_to(_broadcast(subject, preds.shape[0], "subject").to(preds.dtype), *preds.shape[-2:])
+        subject = fit_to(_broadcast(target, preds.shape[0], "target").to(preds.dtype), *preds.shape[-2:])
         return (preds - subject).square().flatten(1).mean(dim=1)

@@ -27,11 +27,12 @@ from typing import Any, Protocol
 
 from ..errors import SisoError
 from ..files import write_json
-from ..runs import library_versions
+from ..knobs import knobs
+from ..run_directory import library_versions
 from .executors import make_executor
 from .manifest import BenchItem, write_manifest
 from .results import RESULT_FILE, RESULTS_FILE, SETTINGS_FILE, append_result, read_results
-from .settings import BenchSettings
+from .settings import BenchSettings, ExecutorSettings
 from .worker import check_task
 
 MAX_ATTEMPTS = 2  # a failed item is retried once
@@ -97,15 +98,22 @@ def _reconcile(out_dir: Path) -> None:
                 append_result(out_dir, record)
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
     keys = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             keys += _differences(a, b, f"{prefix}{key}.")
         elif a != b:
-            keys.append(f"{prefix}{key} {a!r} -> {b!r}")
+            keys.append((f"{prefix}{key}", a, b))
     return keys
+
+
+def _spelled(path: str, settings: BenchSettings) -> str:
+    """A bench.json key as the user types it: ``run.max_steps`` -> ``--max-steps``."""
+    owner, _, name = path.rpartition(".")
+    specs = knobs(type(settings.run)) if owner == "run" else knobs(BenchSettings) if not owner else {}
+    return specs[name].option if name in specs else path
 
 
 def _check_settings(out_dir: Path, settings: BenchSettings) -> None:
@@ -117,16 +125,15 @@ def _check_settings(out_dir: Path, settings: BenchSettings) -> None:
         except (OSError, json.JSONDecodeError, AttributeError):
             stored = None
         if stored is not None and stored != wanted:
-            keys = _differences(stored, wanted)
+            changes = [f"{_spelled(key, settings)} {a!r} -> {b!r}" for key, a, b in _differences(stored, wanted)]
             raise SisoError(
-                f"--out {out_dir} holds a benchmark run with different settings ({'; '.join(keys)}); "
+                f"--out {out_dir} holds a benchmark run with different settings ({'; '.join(changes)}); "
                 "rerun with the same options to resume it, or choose a new --out."
             )
         if stored is not None:
             return
-    # The generation knobs with GenerateConfig's defaults filled in: what the summary reports.
-    write_json({"settings": wanted, "resolved_options": settings.resolved_options(), "versions": library_versions(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, path)
+    write_json({"settings": wanted, "versions": library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")},
+               path)
 
 
 def _finished(out_dir: Path, items: Sequence[BenchItem]) -> set[str]:
@@ -156,10 +163,10 @@ def _check_items(items: Sequence[BenchItem], task: str) -> None:
             raise SisoError(f"Item {item.id}: {', '.join(missing)} does not exist.")
 
 
-def run_bench(items: Sequence[BenchItem], settings: BenchSettings, out: str | Path, *, executor: str = "local",
-              ray_address: str | None = None, workers: int | None = None,
-              progress: BenchProgress | None = None) -> BenchReport:
-    """Run (or resume) the benchmark of ``items`` into ``out`` and write its summary."""
+def run_bench(items: Sequence[BenchItem], settings: BenchSettings, out: str | Path, *,
+              executor: ExecutorSettings | None = None, progress: BenchProgress | None = None) -> BenchReport:
+    """Run (or resume) the benchmark of ``items`` into ``out`` (on ``executor``: local by default) and
+    write its summary."""
     from ._deps import require
     from .summary import write_summary
 
@@ -180,7 +187,7 @@ def run_bench(items: Sequence[BenchItem], settings: BenchSettings, out: str | Pa
     todo = [item for item in items if item.id not in finished]
     report = BenchReport(out_dir=out_dir, total=len(items), skipped=len(finished))
     if todo:
-        runner = make_executor(executor, settings, out_dir, ray_address, workers)
+        runner = make_executor(executor or ExecutorSettings(), settings, out_dir)
         try:
             described = runner.start()
             progress.started(len(items), len(finished), described)

@@ -1,43 +1,63 @@
-"""What a benchmark run measures and with which models: recorded in DIR/bench.json, so a rerun
-into the same DIR can check it continues the same experiment."""
+"""What a benchmark run measures and with which models, as knobs: recorded in DIR/bench.json, so a
+rerun into the same DIR can check it continues the same experiment.
+
+``run`` holds the task's own knobs, typed (:class:`~siso.config.GenerateSettings` or
+:class:`~siso.config.EditSettings`: every knob but the per-item photos and prompt), checked when the
+settings are made; each item's config is those settings plus the item's inputs.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import EditConfig, GenerateConfig
+from ..config import EditConfig, EditSettings, GenerateConfig, GenerateSettings, RunSettings
 from ..errors import SisoError
-from ..ir_cache import DINO_ONLY_NOTICE, IR_AUTO, resolve_ir_model
-from .clip import DEFAULT_CLIP_MODEL, DEFAULT_CMMD_MODEL
-from .cropping import DEFAULT_DETECTOR_MODEL
+from ..ir_cache import DINO_ONLY_NOTICE, resolve_ir
+from ..knobs import knob
+from ..model_ids import CLIP_MODEL, CMMD_MODEL, CROP_MODEL
 
 TASKS = ("generate", "edit")
 BASELINES = ("none", "plain")
 FID_FEATURES = ("inception", "dino", "clip")
-# Config fields the benchmark sets itself, per item.
-_PER_ITEM_FIELDS = {"generate": ("subjects", "prompt"),
-                    "edit": ("subject", "input", "subject_class", "input_class", "mask")}
+EXECUTORS = ("local", "ray")
+#: the settings class of each task's run knobs
+RUN_SETTINGS: dict[str, type[RunSettings]] = {"generate": GenerateSettings, "edit": EditSettings}
 
 
-@dataclass(frozen=True)
+def _none_or(value: str) -> str | None:
+    return None if value.strip().lower() == "none" else value
+
+
+@dataclass(frozen=True, kw_only=True)
 class BenchSettings:
-    task: str = "generate"
-    #: the run's knobs: GenerateConfig fields (EditConfig fields for "edit") but the per-item ones.
-    options: dict[str, Any] = field(default_factory=dict)
-    render_steps: int | None = None  # generation's second stage; None: the backbone's preset (4)
-    baseline: str = "none"  # "plain": also render every prompt with the untouched model (generation)
-    clip_model: str = DEFAULT_CLIP_MODEL
-    cmmd_model: str = DEFAULT_CMMD_MODEL
-    detector_model: str | None = DEFAULT_DETECTOR_MODEL  # None: compare whole images, no cropping
-    fid_features: str = "inception"
-    inception_weights: str | None = None
-    eval_batch_size: int = 8
+    task: str = knob("generate", choices=TASKS, help="What each item runs: generate (its prompts) or edit (its scene).")
+    #: the task's run knobs; None: the task's defaults
+    run: RunSettings | None = field(default=None)
+    render_steps: int | None = knob(None, preset="render_steps",
+                                    help="Denoising steps when rendering the prompts (generation's second stage).")
+    baseline: str = knob("none", choices=BASELINES, help=(
+        "plain: also render every prompt with the untouched model (same seeds): the FID/KID/CMMD reference set."))
+    clip_model: str = knob(CLIP_MODEL, help="CLIP for CLIP-I and CLIP-T.")
+    cmmd_model: str = knob(CMMD_MODEL, help="CLIP for CMMD.")
+    crop_model: str | None = knob(CROP_MODEL, parse=_none_or, help=(
+        "Grounding DINO that crops both images to the subject for DINO, IR and CLIP-I; none: whole images."))
+    fid_features: str = knob("inception", choices=FID_FEATURES, help=(
+        "FID/KID features: inception (as in the paper; needs torch-fidelity), dino or clip."))
+    inception_weights: str | None = knob(None, help=(
+        "Local copy of the FID Inception weights (pt_inception-2015-12-05-6726825d.pth)."))
+    eval_batch_size: int = knob(8, help="Images scored per batch.")
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise SisoError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}.")
+        wanted = RUN_SETTINGS[self.task]
+        run = self.run if self.run is not None else wanted()
+        if type(run) is not wanted:
+            raise SisoError(f"--task {self.task} runs {wanted.__name__}; got {type(run).__name__}.")
+        # "auto" becomes the IR model found now, so bench.json names what every item (resumed ones too) uses.
+        object.__setattr__(self, "run", resolve_ir(run))
         if self.baseline not in BASELINES:
             raise SisoError(f"--baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}.")
         if self.task == "edit" and self.baseline != "none":
@@ -46,46 +66,29 @@ class BenchSettings:
             raise SisoError(f"--fid-features must be one of {', '.join(FID_FEATURES)}, got {self.fid_features!r}.")
         if self.render_steps is not None and (not isinstance(self.render_steps, int) or self.render_steps < 1):
             raise SisoError(f"--render-steps must be a whole number >= 1, got {self.render_steps!r}.")
-        if self.eval_batch_size < 1:
-            raise SisoError(f"The evaluation batch size must be >= 1, got {self.eval_batch_size}.")
-        bad = [name for name in _PER_ITEM_FIELDS[self.task] if name in self.options]
-        if bad:
-            raise SisoError(f"The benchmark sets {', '.join(bad)} per item; leave them out of the options.")
-        # "auto" becomes the IR model found now, so bench.json names what every item (resumed ones too) uses.
-        options = {**self.options, "ir_model": resolve_ir_model(self.options.get("ir_model", IR_AUTO))}
-        object.__setattr__(self, "options", options)
-        self.run_config()  # the config's own checks, before any model loads
+        if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
+            raise SisoError(f"--eval-batch-size must be a whole number >= 1, got {self.eval_batch_size!r}.")
 
     @property
     def notice(self) -> str | None:
         """What to tell the user before the run: the loss is not the paper's without an IR model."""
-        return DINO_ONLY_NOTICE if self.options["ir_model"] is None and "similarity" not in self.options else None
+        return DINO_ONLY_NOTICE if self.run.ir_model is None and self.run.similarity is None else None
 
     def generate_config(self, subject: str | Path, prompt: str) -> GenerateConfig:
-        return GenerateConfig(subjects=(subject,), prompt=prompt, **self.options)
+        return GenerateConfig.from_settings(self.run, subjects=(subject,), prompt=prompt)
 
     def edit_config(self, subject: str | Path, scene: str | Path, subject_class: str | None = None,
                     scene_class: str | None = None, mask: str | Path | None = None) -> EditConfig:
-        return EditConfig(subject=Path(subject), input=Path(scene), subject_class=subject_class,
-                          input_class=scene_class, mask=mask, **self.options)
-
-    def run_config(self) -> GenerateConfig | EditConfig:
-        """The task's config with placeholder per-item values: every shared knob, defaults filled in."""
-        if self.task == "edit":
-            return self.edit_config("subject.jpg", "scene.jpg", "thing", "thing")
-        return self.generate_config("subject.jpg", "a photo of a thing")
-
-    def resolved_options(self) -> dict[str, Any]:
-        record = self.run_config().to_record()
-        return {k: v for k, v in record.items() if k not in _PER_ITEM_FIELDS[self.task] and k != "subjects"}
+        return EditConfig.from_settings(self.run, subject=Path(subject), input=Path(scene),
+                                        subject_class=subject_class, input_class=scene_class, mask=mask)
 
     @property
     def device(self) -> str:
-        return self.options.get("device", "auto")
+        return self.run.device
 
     @property
     def dtype(self) -> str:
-        return self.options.get("dtype", "auto")
+        return self.run.dtype
 
     @property
     def has_reference_set(self) -> bool:
@@ -93,10 +96,33 @@ class BenchSettings:
         return self.baseline == "plain" or self.task == "edit"
 
     def to_record(self) -> dict[str, Any]:
-        record = asdict(self)
-        record["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(self.options.items())}
-        return record
+        record = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "run"}
+        return {**record, "run": self.run.to_record()}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> BenchSettings:
-        return cls(**record)
+        values = dict(record)
+        run = values.pop("run")
+        settings_class = RUN_SETTINGS[values.get("task", "generate")]
+        tuples = {"similarity", "lora_format", "adam_betas"}
+        run = settings_class(**{k: tuple(v) if k in tuples and v is not None else v for k, v in run.items()})
+        return cls(run=run, **values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExecutorSettings:
+    """Where the benchmark's items run: not part of the experiment (a rerun may use another executor)."""
+
+    executor: str = knob("local", choices=EXECUTORS, help="local (this process) or ray (one worker per GPU).")
+    ray_address: str | None = knob(None, help="Existing Ray cluster to join (e.g. auto or ray://head:10001); "
+                                              "unset: start Ray here.")
+    workers: int | None = knob(None, help="Ray workers (unset: one per GPU in the cluster; 1 without GPUs).")
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise SisoError(f"--executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}.")
+        if self.executor == "local" and (self.ray_address or self.workers):
+            raise SisoError("--ray-address and --workers need --executor ray; the local executor runs one item "
+                            "at a time in this process.")
+        if self.workers is not None and self.workers < 1:
+            raise SisoError(f"--workers must be >= 1, got {self.workers}.")

@@ -120,9 +120,7 @@ def summarise(out_dir: str | Path) -> dict[str, Any]:
 
     out_dir = Path(out_dir)
     try:
-        stored = json.loads((out_dir / SETTINGS_FILE).read_text())
-        settings = {**stored["settings"], "options": {**stored["settings"].get("options", {}),
-                                                        **stored.get("resolved_options", {})}}
+        settings = json.loads((out_dir / SETTINGS_FILE).read_text())["settings"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         settings = {}
     latest = latest_results(out_dir)
@@ -207,13 +205,13 @@ def _label(name: str) -> str:
 
 def _markdown(summary: dict[str, Any]) -> str:
     settings = summary["settings"]
-    options = settings.get("options", {})
+    options = settings.get("run", {})
     metrics, methods = summary["metrics"], summary["methods"]
     lines = [f"# siso bench: {settings.get('task', '?')}", ""]
     lines.append(f"- model: `{options.get('model', '?')}`, seed {options.get('seed', '?')}, "
                  f"resolution {options.get('resolution', '?')}, at most {options.get('max_steps', '?')} iterations")
     lines.append(f"- subjects finished: {len(summary['subjects'])}; items failed: {len(summary['failed'])}")
-    detector = settings.get("detector_model")
+    detector = settings.get("crop_model")
     compared = f"both images cropped to the subject by `{detector}`" if detector else "whole images (no cropping)"
     lines.append(f"- identity metrics (DINO, IR, CLIP-I) compare {compared}")
     lines.append(f"- CLIP: `{settings.get('clip_model')}`; CMMD: `{settings.get('cmmd_model')}`; "

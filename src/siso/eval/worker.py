@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..devices import resolve_device, resolve_dtype
 from ..errors import SisoError
@@ -90,8 +89,6 @@ class ItemWorker:
         self.metrics()
         if self.settings.has_reference_set:
             self.set_feature_models()
-        if self.settings.task == "edit":
-            self.lpips()
         return {"host": socket.gethostname(), "pid": str(os.getpid()), "device": str(self.device)}
 
     def _model(self, key: str, load: Callable[[], Any]) -> Any:
@@ -105,32 +102,38 @@ class ItemWorker:
         return self._model(f"clip:{source}", lambda: CLIPEmbedder.from_pretrained(source, self.device, self.dtype))
 
     def cropper(self):
-        source = self.settings.detector_model
+        source = self.settings.crop_model
         if not source:
             return None
-        from .cropping import GroundingDinoCropper
+        from .cropping import GroundingDinoCropper, RememberingCropper
 
-        return self._model("detector", lambda: GroundingDinoCropper.from_pretrained(source, self.device))
+        return self._model("detector", lambda: RememberingCropper(GroundingDinoCropper.from_pretrained(
+            source, self.device)))
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self):
+        """The per-image metrics as one ``torchmetrics.MetricCollection``: identity (DINO, IR, CLIP-I,
+        sharing one cropper), prompt adherence (CLIP-T), diversity, and for edits background LPIPS."""
         def build():
-            from .metrics import CLIPIScore, CLIPTScore, DINOScore, DiversityMSE, IRScore
+            from torchmetrics import MetricCollection
 
-            options = self.settings.run_config()
+            from .metrics import BackgroundLPIPS, CLIPIScore, CLIPTScore, DINOScore, DiversityMSE, IRScore
+
+            run = self.settings.run
             clip = self.clip(self.settings.clip_model)
-            identity = {"dino": DINOScore(self.cache.similarity("dino", options.dino_model, self.device, self.dtype))}
-            if options.ir_model:
-                identity["ir"] = IRScore(self.cache.similarity("ir", options.ir_model, self.device, self.dtype))
-            identity["clip_i"] = CLIPIScore(clip)
-            self.cropper()
-            return {"identity": identity, "clip_t": CLIPTScore(clip), "diversity": DiversityMSE()}
+            cropper = self.cropper()
+            metrics = {"dino": DINOScore(self.cache.similarity("dino", run.dino_model, self.device, self.dtype),
+                                         cropper)}
+            if run.ir_model:
+                metrics["ir"] = IRScore(self.cache.similarity("ir", run.ir_model, self.device, self.dtype), cropper)
+            metrics["clip_i"] = CLIPIScore(clip, cropper)
+            metrics["clip_t"] = CLIPTScore(clip)
+            metrics["diversity"] = DiversityMSE()
+            if self.settings.task == "edit":
+                metrics["lpips"] = BackgroundLPIPS()
+            # compute_groups off: metrics whose first scores happen to be equal must not share their states
+            return MetricCollection(metrics, compute_groups=False).to(self.device)
 
         return self._model("metrics", build)
-
-    def lpips(self):
-        from .metrics import BackgroundLPIPS
-
-        return self._model("lpips", lambda: BackgroundLPIPS().to(self.device))
 
     def set_feature_models(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """Feature extractors for FID/KID and CMMD; their features are saved per item and the
@@ -143,8 +146,8 @@ class ItemWorker:
             if kind == "inception":
                 fid = InceptionFeatures(self.settings.inception_weights).to(self.device)
             elif kind == "dino":
-                options = self.settings.run_config()
-                fid = EmbedderFeatures(self.cache.similarity("dino", options.dino_model, self.device, self.dtype))
+                fid = EmbedderFeatures(self.cache.similarity("dino", self.settings.run.dino_model, self.device,
+                                                             self.dtype))
             else:
                 fid = EmbedderFeatures(self.clip(self.settings.clip_model))
             return {"fid": fid, "cmmd": self.clip(self.settings.cmmd_model).embed}
@@ -199,49 +202,37 @@ class ItemWorker:
         }
 
     def evaluate(self, item: BenchItem, outputs: ItemOutputs) -> tuple[list[dict], dict[str, torch.Tensor]]:
-        """Per-image metrics of every method's images, and the features of the set metrics."""
+        """Per-image metrics of every method's images (the metric collection, one update per batch),
+        and the features of the set metrics."""
         metrics = self.metrics()
         cropper = self.cropper()
         set_models = self.set_feature_models() if self.settings.has_reference_set else None
-        label = item.class_name
-
-        def crops(batch: torch.Tensor) -> list[torch.Tensor]:
-            if cropper is None:
-                return [image[None] for image in batch]
-            from .cropping import crop_to_boxes
-
-            return crop_to_boxes(batch, cropper(batch, [label] * batch.shape[0]))
-
         subject = outputs.subject.to(self.device)
-        subject_crop = crops(subject)[0]
-        references = {name: metric.embed_images([subject_crop]) for name, metric in metrics["identity"].items()}
         records: list[dict] = []
         collected: dict[str, list[torch.Tensor]] = {}
         size = self.settings.eval_batch_size
         for method, made in outputs.methods.items():
+            metrics.reset()
             for start in range(0, len(made.images), size):
                 batch = torch.cat(made.images[start : start + size]).to(self.device)
-                prompts = made.prompts[start : start + size]
-                cropped = crops(batch)
-                scores = {
-                    name: F.cosine_similarity(metric.embed_images(cropped), references[name], dim=-1)
-                    for name, metric in metrics["identity"].items()
-                }
-                scores["clip_t"] = metrics["clip_t"].score(batch, prompts)
-                scores["diversity"] = metrics["diversity"].score(batch, subject)
+                inputs = {"preds": batch, "target": subject, "labels": item.class_name,
+                          "prompts": made.prompts[start : start + size]}
                 if outputs.subject_masks is not None and outputs.scenes is not None:
-                    scenes = torch.cat(outputs.scenes[start : start + size]).to(self.device)
-                    masks = torch.cat(outputs.subject_masks[start : start + size]).to(self.device)
-                    scores["lpips"] = self.lpips().score(batch, scenes, masks)
+                    inputs["scene"] = torch.cat(outputs.scenes[start : start + size]).to(self.device)
+                    inputs["subject_mask"] = torch.cat(outputs.subject_masks[start : start + size]).to(self.device)
+                metrics.update(**inputs)
                 if set_models is not None:
                     for kind, extract in set_models.items():
                         collected.setdefault(f"{method}.{kind}", []).append(extract(batch).float())
-                for offset in range(batch.shape[0]):
-                    index = start + offset
-                    records.append({
-                        "method": method, "index": index, "prompt": made.prompts[index], "path": made.paths[index],
-                        "metrics": {name: float(value[offset]) for name, value in scores.items()},
-                    })
+            scores = {name: metric.per_image() for name, metric in metrics.items()}
+            for index, prompt in enumerate(made.prompts):
+                records.append({
+                    "method": method, "index": index, "prompt": prompt, "path": made.paths[index],
+                    "metrics": {name: float(values[index]) for name, values in scores.items()},
+                })
+        metrics.reset()
+        if cropper is not None:
+            cropper.forget()
         if set_models is not None and outputs.reference is not None:
             for start in range(0, len(outputs.reference), size):
                 batch = torch.cat(outputs.reference[start : start + size]).to(self.device)
@@ -255,11 +246,10 @@ class ItemWorker:
 def generate_item(worker: ItemWorker, item: BenchItem, item_dir: Path) -> ItemOutputs:
     """The two-stage protocol: optimise once with "a photo of a {class}", then render every prompt
     with the learned LoRA through the plain diffusers pipeline (and, with the plain baseline,
-    without it), on the backbone the optimisation loaded."""
+    without it), on the backbone the optimisation loaded (the model cache lends it to each stage)."""
     from ..config import RenderConfig
     from ..generation import run_generation
-    from ..lora import detach_lora
-    from ..rendering import render_with
+    from ..rendering import load_lora_file, render_with
 
     if not item.prompts:
         raise SisoError(f'Item {item.id} has no "prompts" to render; a generation manifest needs them.')
@@ -270,31 +260,27 @@ def generate_item(worker: ItemWorker, item: BenchItem, item_dir: Path) -> ItemOu
         raise KeyboardInterrupt  # a Ctrl-C inside the loop: stop the benchmark, redo this item next time
     if result.lora_dir is None:
         raise SisoError(f"Item {item.id}: the optimisation finished no iteration, so there is no LoRA to render.")
-    backbone = worker.cache.backbone(config.model, worker.device, worker.dtype)
-    detach_lora(backbone)  # from here on the pipeline is the plain diffusers one
 
-    def render_all(method: str) -> MethodImages:
+    def render_all(method: str, lora: Path | None) -> MethodImages:
         made = MethodImages()
-        for index, prompt in enumerate(item.prompts):
-            image = render_with(backbone, RenderConfig(
-                model=config.model, prompt=prompt, steps=settings.render_steps, seed=config.seed,
-                resolution=config.resolution, device=config.device, dtype=config.dtype,
-            ))
-            relative = Path("items") / item.id / "images" / method / f"{index:02d}.png"
-            write_png(image, worker.out / relative)
-            made.prompts.append(prompt)
-            made.images.append(pil_to_tensor(image))
-            made.paths.append(relative.as_posix())
+        with worker.cache.lease(config.model, worker.device, worker.dtype) as backbone:
+            if lora is not None:
+                load_lora_file(backbone, lora)
+            for index, prompt in enumerate(item.prompts):
+                image = render_with(backbone, RenderConfig(
+                    model=config.model, prompt=prompt, steps=settings.render_steps, seed=config.seed,
+                    resolution=config.resolution, device=config.device, dtype=config.dtype,
+                ))
+                relative = Path("items") / item.id / "images" / method / f"{index:02d}.png"
+                write_png(image, worker.out / relative)
+                made.prompts.append(prompt)
+                made.images.append(pil_to_tensor(image))
+                made.paths.append(relative.as_posix())
         return made
 
-    methods = {}
-    backbone.pipeline.load_lora_weights(str(result.lora_dir), adapter_name="siso_bench")
-    try:
-        methods["siso"] = render_all("siso")
-    finally:
-        backbone.pipeline.unload_lora_weights()
+    methods = {"siso": render_all("siso", result.lora_dir)}
     if settings.baseline == "plain":
-        methods["plain"] = render_all("plain")
+        methods["plain"] = render_all("plain", None)
     subject = pil_to_tensor(working_copy(load_image(item.subject_photo)))
     history = result.history
     return ItemOutputs(methods=methods, subject=subject, info={"optimize": {
@@ -317,18 +303,19 @@ def edit_item(worker: ItemWorker, item: BenchItem, item_dir: Path) -> ItemOutput
     result = run_edit(config, item_dir / "run", cache=worker.cache)
     if result.stop_reason == "interrupted":
         raise KeyboardInterrupt
-    if result.image is None or result.scene is None or result.mask is None:
+    if result.image is None:
         raise SisoError(f"Item {item.id}: the edit finished no iteration, so there is no edited image.")
     relative = Path("items") / item.id / "images" / "siso" / "00.png"
     write_png(result.image, worker.out / relative)
-    scene = pil_to_tensor(result.scene)
-    labels = {role: label.text for role, label in result.labels.items()}
+    edit = result.task
+    scene = pil_to_tensor(edit.scene)
+    labels = {role: label.text for role, label in edit.labels.items()}
     made = MethodImages(prompts=[f"a photo of a {labels.get('subject', item.class_name)}"],
                         images=[pil_to_tensor(result.image)], paths=[relative.as_posix()])
     history = result.history
     return ItemOutputs(
         methods={"siso": made}, subject=pil_to_tensor(working_copy(load_image(item.subject_photo))),
-        reference=[scene], scenes=[scene], subject_masks=[result.mask.float().cpu()],
+        reference=[scene], scenes=[scene], subject_masks=[edit.mask.mask.float().cpu()],
         info={"labels": labels, "optimize": {
             "steps": len(history), "best_step": result.best_step, "stop_reason": result.stop_reason,
             "best_loss": history[result.best_step]["total"] if result.best_step is not None else None,
