@@ -47,6 +47,16 @@ def plain_render(model_dir, steps: int = 1, seed: int = 42, lora_dir=None, weigh
         ).images
 
 
+def is_compiled(module: torch.nn.Module) -> bool:
+    """Whether ``module`` runs a compiled call (what ``nn.Module.compile`` sets)."""
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def lora_parameters(adapter) -> list[torch.nn.Parameter]:
+    """Every trained parameter of a ``siso.lora.LoraAdapter``."""
+    return [p for modules in adapter.parameters.values() for pair in modules.values() for p in pair.values()]
+
+
 def weight_modules(backbone) -> dict[str, torch.nn.Module]:
     """Every weight-holding component of a backbone's pipeline (what must stay frozen)."""
     modules = {name: getattr(backbone.pipeline, name) for name in backbone.pipeline.components}

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from conftest import RESOLUTION
-from helpers import PROMPT, plain_render
+from helpers import PROMPT, lora_parameters, plain_render
 
 from siso.backbones import load_backbone, render
 from siso.errors import SisoError
@@ -33,7 +33,7 @@ def test_zero_lora_render_equals_plain_pipeline(model_dir, steps, grad_steps):
 
 def test_only_the_last_k_steps_are_differentiated(sd_dir):
     backbone = load_backbone(str(sd_dir), CPU, torch.float32)
-    params = attach_lora(backbone, rank=4, train_text_encoder=False, seed=0).all_parameters()
+    params = lora_parameters(attach_lora(backbone, rank=4, train_text_encoder=False, seed=0))
     with torch.no_grad():
         for p in params:  # a non-zero LoRA, so every step depends on the parameters
             p.add_(0.05 * torch.randn_like(p))

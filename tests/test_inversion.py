@@ -7,6 +7,7 @@ import pytest
 import tiny
 import torch
 from conftest import RESOLUTION
+from helpers import lora_parameters
 from PIL import Image
 
 from siso.backbones import load_backbone
@@ -28,6 +29,10 @@ from siso.lora import attach_lora
 
 CPU = torch.device("cpu")
 PROMPT = "a photo of a cat"
+
+#: plain inversion, for comparison: one noise prediction per step, at the known latent; nothing else
+PLAIN_INVERSION = ReNoiseSettings(renoise_steps=0, first_step_renoise_steps=0, average=False, regularization_steps=0,
+                                  noise_correction=False)
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +84,7 @@ def inversions(unit_sd, scene):
     results = {}
     try:
         for sampler in ("ddim", "euler_ancestral"):
-            for name, settings in (("plain", ReNoiseSettings.plain()),
+            for name, settings in (("plain", PLAIN_INVERSION),
                                    ("renoise", ReNoiseSettings.for_sampler(sampler))):
                 calls.clear()
                 inversion = invert(backbone, image, cond, sampler=sampler, settings=settings, seed=0)
@@ -115,7 +120,7 @@ def test_regularisation_pulls_noise_towards_noise_statistics():
     assert _patch_kl(regularised, reference) < 0.5 * _patch_kl(eps, reference)
     assert (_autocorrelation(regularised, torch.Generator().manual_seed(2))
             < 0.2 * _autocorrelation(eps, torch.Generator().manual_seed(2)))
-    assert torch.equal(regularize(eps, reference, ReNoiseSettings.plain(), generator), eps)
+    assert torch.equal(regularize(eps, reference, PLAIN_INVERSION, generator), eps)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler_ancestral"])
@@ -133,12 +138,12 @@ def test_renoise_inverts_better_than_plain_inversion(inversions, sampler, record
 
 def test_edit_render_differentiates_every_step_and_restores_the_scheduler(sd_dir, scene):
     backbone = load_backbone(str(sd_dir), CPU, torch.float32)
-    params = attach_lora(backbone, rank=4, train_text_encoder=False, seed=0).all_parameters()
+    params = lora_parameters(attach_lora(backbone, rank=4, train_text_encoder=False, seed=0))
     with torch.no_grad():
         for p in params:
             p.add_(0.05 * torch.randn_like(p))
     cond = backbone.encode_prompt(PROMPT, RESOLUTION)
-    inversion = invert(backbone, pil_to_tensor(scene), cond, settings=ReNoiseSettings.plain())
+    inversion = invert(backbone, pil_to_tensor(scene), cond, settings=PLAIN_INVERSION)
     start = inversion.start_point(torch.float32)
     scheduler, config = backbone.pipeline.scheduler, dict(backbone.pipeline.config)
     modes: list[bool] = []

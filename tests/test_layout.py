@@ -84,6 +84,21 @@ def test_siso_has_no_import_cycle():
     assert cycles(graph) == []
 
 
+def private_imports() -> list[str]:
+    """``from siso... import _name`` anywhere in siso: a module reaching into another's private names."""
+    found = []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("siso")):
+                found += [f"{path.relative_to(SRC)}: {alias.name}" for alias in node.names
+                          if alias.name.startswith("_") and not alias.name.startswith("__")]
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    assert private_imports() == []
+
+
 def test_the_entry_point_imports_the_commands():
     import siso.cli
 
@@ -109,3 +124,13 @@ def test_the_readmes_python_names_are_sisos_own():
         assert getattr(importlib.import_module(value.__module__), name) is value, name
     for name in siso.__all__:  # every export resolves
         assert getattr(siso, name).__module__.startswith("siso."), name
+
+
+def test_no_dead_code():
+    """vulture (configured in pyproject.toml: what libraries call is listed there) finds nothing unused."""
+    import subprocess
+    import sys
+
+    found = subprocess.run([sys.executable, "-m", "vulture"], cwd=SRC.parents[1], capture_output=True, text=True,
+                           timeout=120)
+    assert found.returncode == 0 and not found.stdout.strip(), found.stdout + found.stderr

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 from conftest import RESOLUTION
-from helpers import plain_render, run_captured, tiny_config
+from helpers import is_compiled, plain_render, run_captured, tiny_config
 
 from siso import speed
 from siso.backbones import load_backbone, memory
@@ -202,7 +202,7 @@ def test_compiled_iterations_equal_eager(sd_dir, dino_dir, ir_dir, subject_photo
     assert compiled.enabled and compiled.requested == "on" and compiled.mode == "default"
     assert compiled.modules == ("denoiser", "vae_decoder", "dino", "ir")
     modules = speed.iteration_modules(session.backbone, session.loss)
-    assert all(speed.is_compiled(m) for m in modules.values())
+    assert all(is_compiled(m) for m in modules.values())
     assert session.record()["compile"]["enabled"] is True
     params = session.optimization.parameters
     with torch.no_grad():  # B = 0 at first: give the LoRA an effect, so its A matrices get gradients too
@@ -256,5 +256,5 @@ def test_compiled_loop_on_a_cached_backbone(sd_dir, dino_dir, ir_dir, subject_ph
 
     third = run_generation(tiny_config(sd_dir, subject_photo, dino_dir, ir_model=str(ir_dir), max_steps=1),
                            tmp_path / "third", cache=cache)
-    assert not speed.is_compiled(backbone.denoiser)
+    assert not is_compiled(backbone.denoiser)
     assert json.loads((third.run_dir / "run.json").read_text())["compile"]["enabled"] is False

@@ -16,6 +16,7 @@ from conftest import RESOLUTION
 from helpers import (
     PROMPT,
     assert_planted_subject_recovered,
+    lora_parameters,
     optimisation_pipeline_kwargs,
     plain_render,
     run_captured,
@@ -94,7 +95,7 @@ def test_zero_lora_render_equals_plain_pipeline(transformer_dirs, name, steps, g
 @pytest.mark.parametrize("name,steps,grad_steps", [("flux", 4, 1), ("sana", 6, 3)])
 def test_only_the_last_k_steps_are_differentiated(transformer_dirs, name, steps, grad_steps):
     backbone = load_backbone(str(transformer_dirs[name]), CPU, torch.float32)
-    params = attach_lora(backbone, rank=4, train_text_encoder=False, seed=0).all_parameters()
+    params = lora_parameters(attach_lora(backbone, rank=4, train_text_encoder=False, seed=0))
     with torch.no_grad():
         for p in params:  # a non-zero LoRA, so every step depends on the parameters
             p.add_(0.05 * torch.randn_like(p))
@@ -131,7 +132,7 @@ def test_memory_savers_change_nothing(transformer_dirs, name, tmp_path):
             kept = backbone.stream_denoiser_blocks()
             assert backbone.denoiser.gradient_checkpointing
             assert kept > 0 and sum(p.numel() for p in backbone.denoiser.parameters()) == resident - kept // 4
-        params = attach_lora(backbone, rank=4, train_text_encoder=False, seed=0).all_parameters()
+        params = lora_parameters(attach_lora(backbone, rank=4, train_text_encoder=False, seed=0))
         assert all(p.requires_grad and p.numel() > 0 for p in params)  # LoRA weights are never streamed
         with torch.no_grad():
             for p in params:

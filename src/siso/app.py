@@ -373,7 +373,6 @@ def build_app(settings: AppSettings, cache: ModelCache | None = None) -> gr.Bloc
             r_go.click(app.render, [r_model, r_lora, r_use_last, r_prompt, *r_controls],
                        [r_image, r_file], concurrency_limit=1, concurrency_id=GPU_QUEUE)
     demo.queue(default_concurrency_limit=1)
-    demo.siso_app = app  # for tests and embedding
     return demo
 
 

@@ -43,9 +43,6 @@ class LoraAdapter:
     #: component -> module path -> ("A" or "B") -> the parameter
     parameters: dict[str, dict[str, dict[str, torch.nn.Parameter]]] = field(default_factory=dict)
 
-    def all_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for modules in self.parameters.values() for pair in modules.values() for p in pair.values()]
-
 
 def attach_lora(backbone: Backbone, rank: int, train_text_encoder: bool, seed: int) -> LoraAdapter:
     """Add a rank-``rank`` LoRA (alpha = rank, so scale 1), its parameters in fp32, and return it.

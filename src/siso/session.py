@@ -161,8 +161,8 @@ class Session:
     def active(self) -> Iterator[None]:
         """While this block runs the backbone is this session's, with its LoRA on: if another run took
         it meanwhile, it is borrowed back and the session's own LoRA, text-encoder parking, memory
-        savers and compilation are put back as they were."""
-        self.busy = True
+        savers and compilation are put back as they were. Nests (saving the LoRA while iterating)."""
+        was_busy, self.busy = self.busy, True
         try:
             if not self.cache.holds(self.backbone, self):
                 backbone = self.cache.borrow(self.config.model, self.device, self.dtype, self)
@@ -174,7 +174,7 @@ class Session:
                 compile_modules(iteration_modules(backbone, self.similarity), self.config.compile, backbone.device)
             yield
         finally:
-            self.busy = False
+            self.busy = was_busy
 
     def suspend(self) -> None:
         """The cache takes the backbone for another run. Nothing to save: the adapter object keeps the

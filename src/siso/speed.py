@@ -118,10 +118,6 @@ def compile_wanted(requested: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if requested is None else bool(requested)
 
 
-def is_compiled(module: torch.nn.Module) -> bool:
-    return getattr(module, "_compiled_call_impl", None) is not None
-
-
 def set_compiled(module: torch.nn.Module, mode: str | None) -> None:
     """Compile ``module`` in place with ``mode``, or (``None``) return it to eager; idempotent.
 

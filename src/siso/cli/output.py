@@ -93,7 +93,7 @@ class StopSignals:
 
     @contextlib.contextmanager
     def stopping(self, request_stop: Callable[[], None]) -> Iterator[None]:
-        def handler(signum, frame):
+        def handler(signum, _frame):
             if self.received is not None:
                 raise KeyboardInterrupt
             self.received = signum

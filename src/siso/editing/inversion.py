@@ -58,12 +58,6 @@ class ReNoiseSettings:
             return cls(lambda_ac=0.0, noise_correction=False)
         return cls()
 
-    @classmethod
-    def plain(cls) -> ReNoiseSettings:
-        """Plain inversion: one noise prediction per step, at the known latent; nothing else."""
-        return cls(renoise_steps=0, first_step_renoise_steps=0, average=False, regularization_steps=0,
-                   noise_correction=False)
-
     def to_record(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -32,13 +32,20 @@ _EXPORTS = {
     # the benchmark
     "BenchItem": "manifest", "read_manifest": "manifest", "write_manifest": "manifest",
     "dreambench_items": "manifest", "parse_prompts_and_classes": "manifest",
-    "BenchSettings": "settings",
+    "BenchSettings": "settings", "ExecutorSettings": "settings", "RememberingCropper": "cropping",
     "run_bench": "runner", "BenchReport": "runner", "read_results": "results",
     "summarise": "summary", "write_summary": "summary",
     "ItemWorker": "worker", "ItemOutputs": "worker", "TASK_RUNNERS": "worker",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CLIPEmbedder", "CLIPIScore", "CLIPTScore", "CMMD", "BackgroundLPIPS", "BenchItem", "BenchReport",
+    "BenchSettings", "Cropper", "DINOScore", "DiversityMSE", "EmbedderFeatures", "FID", "FixedBoxCropper",
+    "ExecutorSettings", "GroundingDinoCropper", "IRScore", "IdentitySimilarity", "InceptionFeatures", "ItemOutputs", "ItemWorker",
+    "KID", "PerImageMetric", "Precomputed", "RememberingCropper", "TASK_RUNNERS", "crop_to_boxes", "dreambench_items", "mmd_rbf",
+    "parse_prompts_and_classes", "read_manifest", "read_results", "run_bench", "summarise", "write_manifest",
+    "write_summary",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -171,6 +171,8 @@ class ItemWorker:
         item_dir.mkdir(parents=True)
         outputs = runner(self, item, item_dir)
         made = time.perf_counter()
+        cropper = self.cropper()
+        misses = cropper.cropper.misses if cropper is not None else 0
         with torch.no_grad():
             images, features = self.evaluate(item, outputs)
         if features:
@@ -198,6 +200,8 @@ class ItemWorker:
             "metrics": means,
             "images": images,
             "features": FEATURES_FILE if features else None,
+            # images the detector found no subject in, so compared whole: a high count means the crops failed
+            "crop_misses": cropper.cropper.misses - misses if cropper is not None else None,
             "item": item.to_record(),
         }
 
