@@ -48,12 +48,18 @@ def served_app(sd_dir, dino_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
+    """Headless Chromium: the system's (Debian's `chromium`, what CI installs), else the one
+    `playwright install chromium` downloaded (the README's test command)."""
     playwright_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: install it, e.g. `sudo apt-get install chromium` on "
-                    "Debian/Ubuntu (see the README's test command)")
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        options = {"args": CHROMIUM_ARGS}
+        if Path(CHROMIUM).exists():
+            options["executable_path"] = CHROMIUM
+        try:
+            browser = p.chromium.launch(**options)
+        except playwright_api.Error as err:
+            pytest.fail(f"No Chromium to drive ({err}): run `playwright install chromium`, or install your "
+                        "distribution's (e.g. `sudo apt-get install chromium`); see the README's test command")
         yield browser
         browser.close()
 

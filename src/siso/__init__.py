@@ -30,7 +30,7 @@ _EXPORTS = {
     "optimize": "generation",
     "run_generation": "generation",
     "start_generation": "generation",
-    "StepEvent": "optimize",
+    "StepEvent": "loop",
     "Run": "run",
     "RunResult": "run",
     "Session": "session",
@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from .editing import edit, run_edit, start_edit
     from .errors import SisoError
     from .generation import generate, optimize, run_generation, start_generation
-    from .optimize import StepEvent
+    from .loop import StepEvent
     from .rendering import render
     from .run import Run, RunResult
     from .session import Session

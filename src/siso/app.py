@@ -28,7 +28,7 @@ from .images import tensor_to_pil
 from .knobs import knobs
 from .lora import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME
 from .models import ModelCache
-from .optimize import StepEvent
+from .loop import StepEvent
 from .rendering import render_backbone, render_with
 from .run import Run
 

@@ -20,7 +20,7 @@ from PIL import Image
 from .errors import NoResultError, SisoError
 from .images import tensor_to_pil
 from .models import ModelCache
-from .optimize import StepEvent
+from .loop import StepEvent
 from .run_directory import RunWriter, check_run_dir, prepare_run_dir
 from .session import Session, Task, out_of_memory_advice
 

@@ -21,7 +21,7 @@ from typing import Any
 from .errors import SisoError
 from .files import atomic_path, make_private_dir_public, write_json, write_png
 from .images import tensor_to_pil
-from .optimize import Optimization, StepEvent
+from .loop import Optimization, StepEvent
 
 _LIBRARIES = ("siso", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors")
 

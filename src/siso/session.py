@@ -33,7 +33,7 @@ from .images import pil_to_tensor
 from .ir_cache import resolve_ir
 from .lora import LoraAdapter, attach_lora, lora_parameter_groups, reattach_lora, save_lora, snapshot_lora
 from .models import ModelCache
-from .optimize import LoopSettings, Optimization, StepEvent
+from .loop import LoopSettings, Optimization, StepEvent
 from .run_directory import library_versions
 from .similarity import SIMILARITY_MODELS, SimilarityLoss
 from .speed import compile_modules, iteration_modules, mark_iterations

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from siso.optimize import EarlyStopping, LoopSettings, Optimization
+from siso.loop import EarlyStopping, LoopSettings, Optimization
 
 
 def reference_rule(losses: list[float], pct: float, patience: int) -> int | None:
