@@ -26,9 +26,9 @@ from .files import write_png
 from .generation import start_generation
 from .images import tensor_to_pil
 from .knobs import knobs
+from .loop import StepEvent
 from .lora import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME
 from .models import ModelCache
-from .loop import StepEvent
 from .rendering import render_backbone, render_with
 from .run import Run
 

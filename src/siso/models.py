@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from .backbones import Backbone, load_backbone
+from .backbones import Backbone, backbone_class_for, load_backbone
 from .errors import SisoError
 from .similarity import SimilarityModel, load_similarity
 
@@ -70,6 +70,12 @@ class ModelCache:
                 self._backbones[key] = load_backbone(model, device, dtype)
             self._holders[key] = holder
             return self._backbones[key]
+
+    def backbone_class(self, model: str, device: torch.device, dtype: torch.dtype) -> type[Backbone]:
+        """The adapter class ``model`` loads as: a loaded backbone's own, else the one its
+        model_index.json names (read, not loaded: what fails fast before any weights move)."""
+        loaded = self._backbones.get((model, str(device), dtype))
+        return type(loaded) if loaded is not None else backbone_class_for(model)
 
     def give_back(self, backbone: Backbone, holder: Holder) -> None:
         """``holder`` is done with ``backbone``: reset it for the next run (nothing if it was taken already)."""

@@ -19,8 +19,8 @@ from PIL import Image
 
 from .errors import NoResultError, SisoError
 from .images import tensor_to_pil
-from .models import ModelCache
 from .loop import StepEvent
+from .models import ModelCache
 from .run_directory import RunWriter, check_run_dir, prepare_run_dir
 from .session import Session, Task, out_of_memory_advice
 

@@ -25,15 +25,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .backbones import Backbone, backbone_class_for
+from .backbones import Backbone
 from .config import RunSettings
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import SisoError
 from .images import pil_to_tensor
 from .ir_cache import resolve_ir
+from .loop import LoopSettings, Optimization, StepEvent
 from .lora import LoraAdapter, attach_lora, lora_parameter_groups, reattach_lora, save_lora, snapshot_lora
 from .models import ModelCache
-from .loop import LoopSettings, Optimization, StepEvent
 from .run_directory import library_versions
 from .similarity import SIMILARITY_MODELS, SimilarityLoss
 from .speed import compile_modules, iteration_modules, mark_iterations
@@ -107,14 +107,14 @@ class Session:
         config = resolve_ir(task.config)
         task.config = config
         subjects = task.load_inputs()
-        backbone_class = backbone_class_for(config.model)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        backbone_class = self.cache.backbone_class(config.model, self.device, self.dtype)
         task.check_backbone(backbone_class)
         config = config.resolved(backbone_class.preset)
         task.config = self.config = config
         backbone_class.check_options(config.model, task.trains_text_encoder, config.lora_format)
         check_sources(config, self.cache, task.extra_sources())
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
         self.similarity_dtype = self.dtype if config.similarity_dtype == "auto" else resolve_dtype(
             config.similarity_dtype, self.device)
         with out_of_memory_as_error(self):

@@ -39,12 +39,12 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "CLIPEmbedder", "CLIPIScore", "CLIPTScore", "CMMD", "BackgroundLPIPS", "BenchItem", "BenchReport",
-    "BenchSettings", "Cropper", "DINOScore", "DiversityMSE", "EmbedderFeatures", "FID", "FixedBoxCropper",
-    "ExecutorSettings", "GroundingDinoCropper", "IRScore", "IdentitySimilarity", "InceptionFeatures", "ItemOutputs", "ItemWorker",
-    "KID", "PerImageMetric", "Precomputed", "RememberingCropper", "TASK_RUNNERS", "crop_to_boxes", "dreambench_items", "mmd_rbf",
-    "parse_prompts_and_classes", "read_manifest", "read_results", "run_bench", "summarise", "write_manifest",
-    "write_summary",
+    "BackgroundLPIPS", "BenchItem", "BenchReport", "BenchSettings", "CLIPEmbedder", "CLIPIScore", "CLIPTScore",
+    "CMMD", "Cropper", "DINOScore", "DiversityMSE", "EmbedderFeatures", "ExecutorSettings", "FID",
+    "FixedBoxCropper", "GroundingDinoCropper", "IRScore", "IdentitySimilarity", "InceptionFeatures", "ItemOutputs",
+    "ItemWorker", "KID", "PerImageMetric", "Precomputed", "RememberingCropper", "TASK_RUNNERS", "crop_to_boxes",
+    "dreambench_items", "mmd_rbf", "parse_prompts_and_classes", "read_manifest", "read_results", "run_bench",
+    "summarise", "write_manifest", "write_summary",
 ]
 
 
