@@ -1,7 +1,8 @@
 """``--compile``: torch.compile the modules an iteration spends its time in, with a persistent cache.
 
-An SD-Turbo iteration in eager mode is launch-bound (0.23 s on an H200 against ~0.013 s of
-arithmetic), so fusing kernels and replaying CUDA graphs is where the time is. What is compiled:
+An eager iteration of the distilled models is dominated by kernel launches rather than arithmetic
+(docs/performance.md has the figures, and which of them are measured), so fusing kernels and replaying
+CUDA graphs is where the time is. What is compiled:
 the denoiser, the VAE decoder and the similarity towers (DINOv2, IR) -- every module that runs
 forward and backward each iteration. Text encoders run once per run (or are small) and stay eager.
 

@@ -21,8 +21,8 @@ class StableDiffusionBackbone(Backbone):
     preset: ClassVar[BackbonePreset] = SD_TURBO
     # What each part keeps for backward at 512 px in bf16, counted on the CPU with the real
     # architectures (saved-tensor hooks, random weights): UNet 1.1 GiB (0.15 checkpointed), VAE
-    # decoder 2.8 (0.4 checkpointed), DINOv2-L at 518 px 1.2, IR at 290 px 1.6. The H200 reference
-    # run (peak 9.0 GiB with ~3.5 GiB of weights, a smaller IR) agrees. Estimates, not GPU peaks.
+    # decoder 2.8 (0.4 checkpointed), DINOv2-L at 518 px 1.2, IR at 290 px 1.6. Estimates, not GPU
+    # peaks (docs/performance.md says which figures are measured).
     activation_gib_512: ClassVar[Mapping[str, float] | None] = {
         "plain": 6.7, "checkpoint-vae": 4.3, "checkpoint-all": 3.4,
     }

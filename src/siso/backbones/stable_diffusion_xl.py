@@ -18,8 +18,8 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     preset: ClassVar[BackbonePreset] = SDXL_TURBO
     # As SD-Turbo's (same VAE and similarity models), with the larger UNet: ~2.1 GiB kept at 512 px
-    # (scaled from SD-Turbo's count; 0.16 checkpointed). The H200 reference run: peak 14.2 GiB with
-    # ~6.7 GiB of weights, so ~7.5 GiB of activations. Estimates, not GPU peaks.
+    # (scaled from SD-Turbo's count; 0.16 checkpointed). Estimates, not GPU peaks (docs/performance.md
+    # says which figures are measured).
     activation_gib_512: ClassVar[Mapping[str, float] | None] = {
         "plain": 7.7, "checkpoint-vae": 5.3, "checkpoint-all": 3.4,
     }

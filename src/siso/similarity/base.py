@@ -67,10 +67,3 @@ class SimilarityModel(nn.Module):
         dtype = next(self.parameters()).dtype
         pixel_values = self.preprocessing(images.float()).to(dtype)
         return self.forward(pixel_values).float()
-
-    @torch.no_grad()
-    def similarity(self, images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity of each image with each reference image: (B, R)."""
-        a = F.normalize(self.embed(images), dim=-1)
-        b = F.normalize(self.embed(references), dim=-1)
-        return a @ b.T
