@@ -40,10 +40,10 @@ def plain_render(model_dir, steps: int = 1, seed: int = 42, lora_dir=None, weigh
         pipe.load_lora_weights(lora_dir, weight_name=weight_name)
     backbone_class = backbone_class_for(str(model_dir))
     with torch.no_grad():
-        return pipe(
-            prompt, num_inference_steps=steps, guidance_scale=backbone_class.preset.guidance_scale,
+        return pipe(  # prompt by keyword: Flux2KleinPipeline.__call__ takes an image first
+            prompt=prompt, num_inference_steps=steps, guidance_scale=backbone_class.preset.guidance_scale,
             height=RESOLUTION, width=RESOLUTION, generator=torch.Generator("cpu").manual_seed(seed), output_type="pt",
-            **optimisation_pipeline_kwargs(backbone_class),
+            **optimisation_pipeline_kwargs(backbone_class, steps),
         ).images
 
 
@@ -63,11 +63,11 @@ def weight_modules(backbone) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in modules.items() if isinstance(m, torch.nn.Module)}
 
 
-def optimisation_pipeline_kwargs(backbone_class) -> dict:
-    """What a plain ``pipeline(...)`` call needs to render exactly what the optimisation rendered: the
-    backbone's own plain-call arguments and the preset's shorter prompt, where it shortens it."""
+def optimisation_pipeline_kwargs(backbone_class, steps: int) -> dict:
+    """What a plain ``pipeline(...)`` call of ``steps`` steps needs to render exactly what the optimisation
+    rendered: the backbone's own plain-call arguments and the preset's shorter prompt, where it shortens it."""
     tokens = backbone_class.preset.prompt_max_tokens
-    return {**backbone_class.plain_pipeline_kwargs(), **({"max_sequence_length": tokens} if tokens else {})}
+    return {**backbone_class.plain_pipeline_kwargs(steps), **({"max_sequence_length": tokens} if tokens else {})}
 
 
 @dataclasses.dataclass
@@ -118,3 +118,30 @@ def assert_planted_subject_recovered(config: GenerateConfig, directory: Path) ->
     best_image = pil_to_tensor(result.image)
     assert ((best_image - planted) ** 2).mean() < 0.8 * ((untouched - planted) ** 2).mean()
     return result
+
+
+def assert_streams_exactly_when_the_gpu_is_too_small(monkeypatch, model_dir) -> None:
+    """A family that may stream keeps its block weights in CPU memory exactly on GPUs smaller than loading
+    or the lightest loop needs (computed here by hand from the loaded weights and the counted
+    activations), and is then checkpointed; on a GPU just large enough it loads as it is."""
+    from siso.backbones import load_backbone, memory
+
+    cpu = torch.device("cpu")
+    probe = load_backbone(str(model_dir), cpu, torch.float32)
+    assert type(probe).streams_when_short
+    gib = 2**30
+    every = sum(p.numel() * p.element_size() for m in probe.pipeline.components.values()
+                if isinstance(m, torch.nn.Module) for p in m.parameters()) / gib
+    trained = probe.text_encoder_names if probe.preset.train_text_encoder else ()
+    looped = sum(p.numel() * p.element_size() for name in (probe.denoiser_name, "vae", *trained)
+                 for p in getattr(probe.pipeline, name).parameters()) / gib
+    activations = probe.activation_estimate()["checkpoint-all"] * 2 * memory.ACTIVATION_HEADROOM  # fp32: x2
+    need = max(every + memory.SIMILARITY_WEIGHTS_GIB + probe.memory_margin_gib,
+               looped + memory.SIMILARITY_WEIGHTS_GIB + activations + probe.memory_margin_gib)
+    for gpu, streams in ((need + 0.01, False), (need - 0.01, True)):
+        monkeypatch.setattr(memory, "cuda_memory_gib", lambda device, gpu=gpu: gpu)
+        backbone = load_backbone(str(model_dir), cpu, torch.float32)
+        assert backbone.streams_denoiser == streams and backbone.denoiser.is_gradient_checkpointing == streams, gpu
+        assert backbone.load_time_tier == ("checkpoint-all" if streams else "plain")
+        streamed = [m for m in backbone.denoiser.modules() if torch.nn.utils.parametrize.is_parametrized(m, "weight")]
+        assert bool(streamed) == streams

@@ -166,6 +166,50 @@ def test_unreachable_hub_is_one_message_at_once(generate, out, monkeypatch):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("status,hub_error,expected", [
+    (403, "GatedRepo", ("is a gated model on the Hugging Face Hub", "accept its licence", "hf auth login")),
+    (401, "RepoNotFound", ("is neither a local directory nor a model on the Hugging Face Hub", "Check the id")),
+])
+def test_a_hub_model_the_hub_will_not_give_says_why(generate, out, monkeypatch, status, hub_error, expected):
+    """The real Hub client against a loopback server that answers as the Hub does for a gated repository
+    (403, X-Error-Code GatedRepo) or a missing one (401, RepoNotFound): one message saying what to do,
+    not diffusers' "not a valid model identifier"."""
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    class RefusingHub(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            if self.path == "/":  # siso's reachability check
+                self.send_response(200)
+            else:
+                self.send_response(status)
+                self.send_header("X-Error-Code", hub_error)
+                self.send_header("X-Error-Message", "Access restricted" if status == 403 else "Repository not found")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefusingHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        code, output = generate(model="stabilityai/stable-diffusion-3.5-large-turbo")
+    finally:
+        server.shutdown()
+    error_line(code, output, *expected)
+    assert not out.exists()
+
+
 def test_ir_model_without_weights(generate, out, tmp_path, ir_dir):
     folder = tmp_path / "ir-half"
     folder.mkdir()

@@ -75,14 +75,14 @@ MARKED = marked_tests()
 
 
 def is_knob_row(row: str) -> bool:
-    scope, name = row.split(".", 1)
+    scope, name = row.rsplit(".", 1)
     if scope in SCOPES:
         return name in knobs(SCOPES[scope])
     return scope in PRESETS and name in PRESET_FIELDS
 
 
 def code_value(row: str):
-    scope, name = row.split(".", 1)
+    scope, name = row.rsplit(".", 1)
     if scope in SCOPES:
         return knobs(SCOPES[scope])[name].default
     return getattr(PRESETS[scope], name)
@@ -156,9 +156,9 @@ def per_family_defaults(help_text: str) -> dict[str, str]:
     return values
 
 
-@pytest.mark.parametrize("row", [row for row in KNOB_ROWS if row.split(".")[0] in SCOPES])
+@pytest.mark.parametrize("row", [row for row in KNOB_ROWS if row.rsplit(".", 1)[0] in SCOPES])
 def test_the_help_shows_the_documented_default(row):
-    scope, name = row.split(".", 1)
+    scope, name = row.rsplit(".", 1)
     spec = knobs(SCOPES[scope])[name]
     if not spec.cli:
         return
@@ -169,9 +169,9 @@ def test_the_help_shows_the_documented_default(row):
     assert shown_default(help_text) == expected
 
 
-@pytest.mark.parametrize("row", [row for row in KNOB_ROWS if row.split(".")[0] in PRESETS])
+@pytest.mark.parametrize("row", [row for row in KNOB_ROWS if row.rsplit(".", 1)[0] in PRESETS])
 def test_the_help_shows_each_familys_documented_default(row):
-    family, name = row.split(".", 1)
+    family, name = row.rsplit(".", 1)
     specs = [spec for spec in knobs(GenerateConfig).values() if spec.preset == name and spec.cli]
     if not specs:
         return  # a preset value no knob takes (guidance, LoRA targets): only the declaration check applies
@@ -208,7 +208,7 @@ def test_a_run_without_flags_records_the_documented_defaults(run_siso, sd_dir, d
     records = {"generate": generated, "edit": edited}
     checked = 0
     for row in KNOB_ROWS:
-        scope, name = row.split(".", 1)
+        scope, name = row.rsplit(".", 1)
         if scope in SCOPES and name not in needed and name not in resolved_at_run:
             spec = knobs(SCOPES[scope])[name]
             if spec.preset is None:
@@ -330,7 +330,7 @@ def test_flux_optimises_with_256_t5_tokens(flux_dir):
     backbone = load_backbone(str(flux_dir), torch.device("cpu"), torch.float32)
     seen = []
     backbone.pipeline.text_encoder_2.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
-    backbone._t5_cache = None
+    backbone._frozen_embeddings.clear()
     backbone.encode_prompt("a photo of a dog", RESOLUTION)
     assert seen == [256]
     assert FluxBackbone.preset.prompt_max_tokens == 256

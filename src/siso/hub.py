@@ -32,7 +32,33 @@ def read_model_index(model: str) -> dict[str, Any]:
     except Exception:  # not in the cache (diffusers raises OSError/EnvironmentError types)
         pass
     check_hub_reachable(model)
-    return DiffusionPipeline.load_config(model)
+    try:
+        return DiffusionPipeline.load_config(model)
+    except Exception as err:
+        refusal = hub_refusal(model, err)
+        if refusal is None:
+            raise
+        raise SisoError(refusal) from err
+
+
+def hub_refusal(model: str, err: BaseException) -> str | None:
+    """What to do when the Hub answered but would not give ``model``: gated (accept its licence and log in)
+    or not there (a typo, or a private repository). diffusers rewraps both into one vague OSError; the
+    Hub's own error is in its context. None for anything else."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    if any(isinstance(e, GatedRepoError) for e in chain):
+        return (f"{model} is a gated model on the Hugging Face Hub: accept its licence on "
+                f"https://huggingface.co/{model} while logged in, then log in on this machine (`hf auth login`, "
+                "or set HF_TOKEN) and run again.")
+    if any(isinstance(e, RepositoryNotFoundError) for e in chain):
+        return (f"{model!r} is neither a local directory nor a model on the Hugging Face Hub (or it is private: "
+                "then log in with `hf auth login`). Check the id, e.g. stabilityai/sdxl-turbo, or the path.")
+    return None
 
 
 def check_hub_reachable(model: str) -> None:

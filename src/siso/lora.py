@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
@@ -53,7 +52,7 @@ def attach_lora(backbone: Backbone, rank: int, train_text_encoder: bool, seed: i
     layout for that family, so its pipeline's ``load_lora_weights`` takes our file.
     """
     type(backbone).check_options(backbone.model_id, train_text_encoder)
-    targets = {backbone.denoiser_name: backbone.preset.lora_targets}
+    targets = {backbone.denoiser_name: backbone.lora_target_modules()}
     if train_text_encoder:
         targets.update({name: backbone.preset.text_encoder_lora_targets for name in backbone.text_encoder_names})
     adapter = LoraAdapter({name: LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
@@ -141,8 +140,7 @@ def save_lora(backbone: Backbone, state: LoraState, directory: str | Path,
     canonical = {name: canonical_layers(getattr(backbone.pipeline, name), layers) for name, layers in state.items()}
     staging = Path(tempfile.mkdtemp(prefix=".lora-", dir=directory.parent))
     try:
-        diffusers_layers = {name: convert_state_dict_to_diffusers(layers) for name, layers in canonical.items()}
-        backbone.save_lora_weights(str(staging), diffusers_layers)
+        backbone.save_lora_weights(str(staging), canonical)
         if "kohya" in formats:
             tensors, metadata = kohya_file(backbone, canonical, resolution)
             save_file(tensors, staging / KOHYA_WEIGHT_NAME, metadata=metadata)

@@ -79,8 +79,49 @@ SANA = BackbonePreset(
     lora_targets=("to_k", "to_q", "to_v"), text_encoder_lora_targets=(),
 )
 
+
+# The families the authors never ran: siso's own choices, by the paper's rules and by analogy with the
+# nearest model the reference does run (docs/fidelity.md, "Models the paper did not run", gives the reasons).
+# Distilled flow-matching transformers take FLUX.1-schnell's numbers: one step while optimising, the
+# gradient through it, lr 2e-4, weight decay 1e-4, patience 7; render steps are the model card's.
+#: the MM-DiT's attention projections of both streams and its feed-forward layers, as FLUX.1's reference LoRA
+MMDIT_LORA_TARGETS = FLUX_SCHNELL.lora_targets
+# SD3.5 Large Turbo: 4 steps, guidance 0 (its model card); CLIP-L and CLIP-G are CLIP and small, so they
+# carry a LoRA in their own AdamW group as FLUX.1's CLIP does; T5 stays frozen.
+SD35_TURBO = BackbonePreset(
+    family="sd3.5-turbo", title="SD3.5-Turbo", adam_weight_decay=1e-4, train_text_encoder=True,
+    text_encoder_learning_rate=5e-6, text_encoder_weight_decay=1e-3, lora_targets=MMDIT_LORA_TARGETS,
+)
+# Sana-Sprint: Sana distilled to 1-4 steps (2 by default) with the guidance embedded (4.5): Sana's optimiser
+# numbers (lr 8e-4, patience 5), one step while optimising, Sana's LoRA targets; Gemma-2 stays frozen.
+SANA_SPRINT = BackbonePreset(
+    family="sana-sprint", title="Sana-Sprint", learning_rate=8e-4, adam_weight_decay=1e-4, guidance_scale=4.5,
+    early_stop_patience=5, render_steps=2, lora_targets=("to_k", "to_q", "to_v"), text_encoder_lora_targets=(),
+)
+# FLUX.2 [klein] 4B: distilled to 4 steps, guidance 1.0 (no classifier-free guidance; its model card). The
+# LoRA covers what diffusers' FLUX.2 DreamBooth script targets (the attention projections, the single blocks'
+# fused input projection to_qkv_mlp_proj and their output projections, single_transformer_blocks.N.attn.to_out,
+# which the adapter names per block) plus, as FLUX.1's reference does, the double blocks' context projections
+# and feed-forward layers of both streams; Qwen3 stays frozen.
+FLUX2_KLEIN = BackbonePreset(
+    family="flux2-klein", title="FLUX.2-klein", adam_weight_decay=1e-4, guidance_scale=1.0,
+    lora_targets=("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                  "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
+                  "to_qkv_mlp_proj"),
+    text_encoder_lora_targets=(),
+)
+# Z-Image-Turbo: distilled to 8-9 steps, guidance 0 (its model card: 9). One step of an 8-step model is far
+# from its training; two are the fewest that plausibly give a coherent image, the gradient through the last.
+# The LoRA covers the attention projections and the SwiGLU feed-forward; Qwen3 stays frozen.
+Z_IMAGE_TURBO = BackbonePreset(
+    family="z-image-turbo", title="Z-Image-Turbo", adam_weight_decay=1e-4, denoise_steps=2, render_steps=9,
+    lora_targets=("to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
+    text_encoder_lora_targets=(),
+)
+
 #: every family, in the order the help text lists them
-PRESETS: dict[str, BackbonePreset] = {p.family: p for p in (SD_TURBO, SDXL_TURBO, FLUX_SCHNELL, SANA)}
+PRESETS: dict[str, BackbonePreset] = {p.family: p for p in (SD_TURBO, SDXL_TURBO, FLUX_SCHNELL, SANA, SD35_TURBO,
+                                                             SANA_SPRINT, FLUX2_KLEIN, Z_IMAGE_TURBO)}
 
 
 def per_family(attribute: str, missing: str | None = None) -> str:

@@ -76,7 +76,7 @@ def render_backbone(config: RenderConfig, cache: ModelCache | None = None) -> It
 def render_with(backbone: Backbone, config: RenderConfig) -> Image.Image:
     """``config``'s prompt through the plain pipeline of ``backbone`` (with whatever LoRA it carries)."""
     steps = config.steps or backbone.preset.render_steps
-    extra = dict(backbone.plain_pipeline_kwargs())
+    extra = dict(backbone.plain_pipeline_kwargs(steps))
     if config.prompt_tokens is not None:
         if backbone.preset.prompt_max_tokens is None:
             raise SisoError(f"--prompt-tokens applies to FLUX and Sana pipelines (T5 / Gemma prompts); "
@@ -84,8 +84,8 @@ def render_with(backbone: Backbone, config: RenderConfig) -> Image.Image:
         extra["max_sequence_length"] = config.prompt_tokens
     generator = torch.Generator(backbone.device).manual_seed(config.seed)
     with torch.no_grad():
-        images = backbone.pipeline(
-            config.prompt, num_inference_steps=steps, guidance_scale=backbone.preset.guidance_scale,
+        images = backbone.pipeline(  # the prompt by keyword: Flux2KleinPipeline.__call__ takes an image first
+            prompt=config.prompt, num_inference_steps=steps, guidance_scale=backbone.preset.guidance_scale,
             generator=generator, height=config.resolution, width=config.resolution, output_type="pt", **extra,
         ).images
     return tensor_to_pil(images[0])

@@ -49,11 +49,15 @@ def t5_tokenizer() -> T5Tokenizer:
 
 
 def gemma_tokenizer() -> GemmaTokenizer:
-    """A byte-pair vocabulary of single characters (no merges), Gemma's special tokens first."""
+    """Gemma's layout in miniature: its special tokens first, then one token per byte (``<0x00>`` ...
+    ``<0xFF>``, which Gemma's byte fallback spells any character with), then the printable characters;
+    no merges."""
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "▁": 5, "\n": 6}
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
     for char in _CHARS:
         vocab.setdefault(char, len(vocab))
-    return GemmaTokenizer(vocab=vocab, merges=[], model_max_length=8192)
+    return GemmaTokenizer(vocab=vocab, merges=[], model_max_length=8192, add_bos_token=True)  # as Gemma does
 
 
 def flux_scheduler(dynamic_shifting: bool = False) -> FlowMatchEulerDiscreteScheduler:

@@ -11,13 +11,20 @@ from ..hub import read_model_index
 from ..sources import check_source
 from .base import Backbone, Conditioning
 from .flux import FluxBackbone
+from .flux2 import Flux2KleinBackbone
 from .loading import load_pipeline_as, weight_variants
 from .sampling import StartPoint, render
 from .sana import SanaBackbone
+from .sana_sprint import SanaSprintBackbone
 from .stable_diffusion import StableDiffusionBackbone
+from .stable_diffusion_3 import StableDiffusion3Backbone
 from .stable_diffusion_xl import StableDiffusionXLBackbone
+from .z_image import ZImageBackbone
 
-BACKBONES: list[type[Backbone]] = [StableDiffusionBackbone, StableDiffusionXLBackbone, FluxBackbone, SanaBackbone]
+BACKBONES: list[type[Backbone]] = [
+    StableDiffusionBackbone, StableDiffusionXLBackbone, FluxBackbone, SanaBackbone,
+    StableDiffusion3Backbone, SanaSprintBackbone, Flux2KleinBackbone, ZImageBackbone,
+]
 
 __all__ = ["BACKBONES", "Backbone", "Conditioning", "StartPoint", "backbone_class_for", "load_backbone", "render",
            "weight_variants"]

@@ -49,6 +49,7 @@ class Backbone(MemorySavers, ABC):
         self.model_id = model_id
         #: "fp16" when the Hub's (or directory's) fp16 weight files were loaded instead of the full ones
         self.weights_variant = weights_variant
+        self._frozen_embeddings: dict[str, tuple[str, torch.Tensor]] = {}
         self._init_memory()
 
     @classmethod
@@ -92,9 +93,9 @@ class Backbone(MemorySavers, ABC):
         return self._call_default("max_sequence_length")
 
     @classmethod
-    def plain_pipeline_kwargs(cls) -> dict[str, Any]:
-        """Extra arguments for a plain ``pipeline(...)`` call so that it samples what ``render`` does
-        (``siso render`` and the tests use them)."""
+    def plain_pipeline_kwargs(cls, steps: int) -> dict[str, Any]:
+        """Extra arguments for a plain ``pipeline(...)`` call of ``steps`` steps so that it samples what
+        ``render`` does (``siso render`` uses them)."""
         return {}
 
     def compiled_modules(self) -> dict[str, torch.nn.Module]:
@@ -110,9 +111,26 @@ class Backbone(MemorySavers, ABC):
         return modules
 
     def place_on(self, device: torch.device) -> None:
-        """Move the loaded (frozen, CPU) pipeline to ``device``; adapters of big models override this
-        to choose memory savers from the GPU's size first."""
+        """Move the loaded (frozen, CPU) pipeline to ``device``, streaming the denoiser's block weights from
+        CPU memory where the GPU is too small for them (:meth:`needs_streaming`): set up before the move, so
+        a transformer larger than the GPU never lands on it whole. Checkpointing is chosen per run
+        (:meth:`choose_memory_plan`), except that a streamed denoiser is always checkpointed."""
+        if self.needs_streaming(device):
+            self.stream_denoiser_blocks()
+            self.load_time_tier = "checkpoint-all"  # what --low-memory auto keeps for this backbone
         self.pipeline.to(device)
+
+    def frozen_embedding(self, key: str, prompt: str, compute) -> torch.Tensor:
+        """``compute()`` (a frozen encoder's output for ``prompt``) once per prompt: even when a trained
+        CLIP LoRA makes the prompt be encoded every iteration, a frozen T5 or Qwen3 runs once."""
+        cached = self._frozen_embeddings.get(key)
+        if cached is not None and cached[0] == prompt:
+            return cached[1]
+        with torch.no_grad():
+            embedding = compute()
+        if not torch.is_inference_mode_enabled():  # an inference tensor must not reach a later autograd run
+            self._frozen_embeddings[key] = (prompt, embedding)
+        return embedding
 
     def reset(self) -> None:
         """Put the backbone back as it was loaded, whatever a run did to it: every LoRA adapter removed
@@ -124,6 +142,11 @@ class Backbone(MemorySavers, ABC):
             remove_adapters(module)
         self.restore_text_encoders()
         self.apply_memory_plan(MemoryPlan(self.load_time_tier, "reset"))
+
+    def lora_target_modules(self) -> tuple[str, ...]:
+        """peft ``target_modules`` of the denoiser's LoRA: the preset's (adapters whose targets depend on
+        the checkpoint's depth add theirs)."""
+        return self.preset.lora_targets
 
     def lora_modules(self) -> dict[str, torch.nn.Module]:
         """The components a LoRA can sit on: the denoiser and the trainable text encoders."""
@@ -210,13 +233,22 @@ class Backbone(MemorySavers, ABC):
         """The family a kohya file names in its metadata; None where siso writes no kohya file."""
         return None
 
+    def diffusers_lora_layers(self, layers: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One component's peft-layout LoRA state dict in the key layout its diffusers loader reads.
+
+        Transformer families keep peft's ``lora_A``/``lora_B`` keys, as diffusers' own DreamBooth
+        scripts for FLUX, SD3, Sana, FLUX.2 and Z-Image save them (diffusers' conversion would rename
+        ``to_q`` and friends to the UNet-era ``lora.down``, which the SD3 loader does not read).
+        """
+        return dict(layers)
+
     def save_lora_weights(self, directory: str, layers: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         """Write diffusers-format LoRA files with the pipeline class's own saver.
 
-        ``layers`` maps a component name (``unet``, ``text_encoder``, ...) to its diffusers-format
-        LoRA state dict.
+        ``layers`` maps a component name (``unet``, ``text_encoder``, ...) to its LoRA state dict
+        in peft's layout (``lora_layouts.canonical_layers``).
         """
-        kwargs = {f"{name}_lora_layers": dict(state) for name, state in layers.items() if state}
+        kwargs = {f"{name}_lora_layers": self.diffusers_lora_layers(state) for name, state in layers.items() if state}
         type(self.pipeline).save_lora_weights(directory, safe_serialization=True, **kwargs)
 
 

@@ -18,7 +18,6 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 
 from ..presets import FLUX_SCHNELL, BackbonePreset
 from .base import Backbone, Conditioning
-from .memory import cuda_memory_gib
 
 
 class FluxBackbone(Backbone):
@@ -27,26 +26,11 @@ class FluxBackbone(Backbone):
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)  # CLIP
     frozen_text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder_2",)  # T5-XXL
     preset: ClassVar[BackbonePreset] = FLUX_SCHNELL
-    #: Memory savers by GPU size (GiB), all exact. The thresholds rest on estimates (parameter counts
-    #: plus the measured SD-Turbo/SDXL-Turbo overheads, 512 px, bf16, DINO + IR), not measurements:
-    #: resident weights with activations kept ~40 GiB; with gradient checkpointing ~29 GiB in the
-    #: loop and ~34 GiB while loading (before T5 is parked); block weights streamed from (pinned)
-    #: CPU memory ~8 GiB in the loop, ~11 GiB while loading, ~2 s more per iteration over PCIe 4.
-    checkpointing_below_gib: ClassVar[float] = 64.0
-    streaming_below_gib: ClassVar[float] = 36.0
-
-    def __init__(self, pipeline, model_id: str, weights_variant: str | None = None) -> None:
-        super().__init__(pipeline, model_id, weights_variant)
-        self._t5_cache: tuple[str, torch.Tensor] | None = None
-
-    def place_on(self, device: torch.device) -> None:
-        memory = cuda_memory_gib(device)
-        if memory is not None and memory < self.streaming_below_gib:
-            self.stream_denoiser_blocks()  # before the move, so the 24 GB transformer never lands whole
-        super().place_on(device)
-        if memory is not None and memory < self.checkpointing_below_gib:
-            self.enable_gradient_checkpointing()
-            self.load_time_tier = "checkpoint-all"  # what --low-memory auto keeps for FLUX
+    #: counted by benchmarks/count_memory.py: GiB at 512 px, bf16, DINO + IR, by denoiser size (billions)
+    activation_gib_512: ClassVar[Mapping[float, Mapping[str, float]]] = {
+        11.891: {"plain": 13.63, "checkpoint-vae": 12.56, "checkpoint-all": 3.52},
+    }
+    streams_when_short: ClassVar[bool] = True
 
     @property
     def resolution_multiple(self) -> int:
@@ -64,17 +48,14 @@ class FluxBackbone(Backbone):
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled, "text_ids": text_ids}
 
     def _t5_embeds(self, prompt: str) -> torch.Tensor:
-        """T5 is frozen, so its sequence embedding is computed once per prompt, even when the CLIP
-        LoRA is trained and the prompt is encoded every iteration."""
-        if self._t5_cache is not None and self._t5_cache[0] == prompt:
-            return self._t5_cache[1]
-        with torch.no_grad(), self.text_encoders_on_device("text_encoder_2"):
-            embeds = self.pipeline._get_t5_prompt_embeds(
-                prompt=prompt, num_images_per_prompt=1, max_sequence_length=self.prompt_max_tokens, device=self.device,
-            )
-        if not torch.is_inference_mode_enabled():  # an inference tensor must not reach a later autograd run
-            self._t5_cache = (prompt, embeds)
-        return embeds
+        """T5 is frozen: its sequence embedding is computed once per prompt (:meth:`frozen_embedding`)."""
+        def compute() -> torch.Tensor:
+            with self.text_encoders_on_device("text_encoder_2"):
+                return self.pipeline._get_t5_prompt_embeds(prompt=prompt, num_images_per_prompt=1,
+                                                           max_sequence_length=self.prompt_max_tokens,
+                                                           device=self.device)
+
+        return self.frozen_embedding("t5", prompt, compute)
 
     def initial_latents(self, seed: int, resolution: int, cond: Conditioning) -> tuple[torch.Tensor, dict]:
         generator = torch.Generator(self.device).manual_seed(seed)

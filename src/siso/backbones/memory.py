@@ -2,8 +2,10 @@
 
 Three kinds of saver, all numerically neutral: frozen text encoders parked on the CPU once the prompt
 is encoded; gradient checkpointing (the memory tiers, chosen from the GPU's free memory); and the
-denoiser's block weights streamed from CPU memory (FLUX on a 24 GB card). :class:`MemorySavers` is the
-part of :class:`~siso.backbones.base.Backbone` that does them.
+denoiser's block weights streamed from CPU memory (the large transformers on a 24 GB card). How much
+each needs is counted, not guessed: benchmarks/count_memory.py counts every family's weights and
+activations on the real architectures (on the meta device). :class:`MemorySavers` is the part of
+:class:`~siso.backbones.base.Backbone` that does them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from torch.nn.utils import parametrize
 #: UNet (~2.8 GiB in bf16 against ~1.1 and ~2.1) and costs a third as much to recompute. diffusers'
 #: other decoder savers do not fit: slicing is a no-op for one image, tiling is not exact.
 MEMORY_TIERS = ("plain", "checkpoint-vae", "checkpoint-all")
+#: The counted activations (``activation_gib_512``) miss backward's gradient buffers and transients: against
+#: the reference H200 peaks they came out low by ~0.7 and ~1.0 GiB (SD-Turbo: 8.3 GiB counted in all, 9.0
+#: measured; SDXL-Turbo without a text-encoder LoRA 13.2 against 14.2), so a run plans for 20% more.
+ACTIVATION_HEADROOM = 1.2
+#: DINOv2-L and the IR tower in bf16 (benchmarks/results/memory-512px.json): on the GPU beside every backbone
+SIMILARITY_WEIGHTS_GIB = 1.75
 
 
 @dataclass(frozen=True)
@@ -73,21 +81,27 @@ def cuda_memory_gib(device: torch.device) -> float | None:
 class MemorySavers:
     """The memory side of a backbone: parking text encoders, checkpointing, streaming weights.
 
-    Expects ``pipeline``, ``denoiser``, ``device`` and the text-encoder name tuples of
+    Expects ``pipeline``, ``denoiser``, ``device``, ``preset`` and the text-encoder name tuples of
     :class:`~siso.backbones.base.Backbone`.
     """
 
-    #: Activation memory (GiB) one iteration keeps for backward beyond the resident weights, at
-    #: 512 px, bf16, DINO + IR, per memory tier (:data:`MEMORY_TIERS`): what ``--low-memory`` auto
-    #: compares with the GPU's free memory. None: no estimate, so auto keeps the choice made at load
-    #: time (FLUX picks its savers from the GPU's size in ``place_on``).
-    activation_gib_512: ClassVar[Mapping[str, float] | None] = None
-    #: kept free on top of the estimate: the allocator's fragmentation and the backward's transients
+    #: Activation memory (GiB) one iteration keeps for backward beyond the weights, at 512 px, bf16, DINO + IR,
+    #: per memory tier (:data:`MEMORY_TIERS`), for each checkpoint counted by benchmarks/count_memory.py, keyed
+    #: by its denoiser's size in billions of parameters (benchmarks/results/memory-512px.json holds the counts;
+    #: tests/test_memory_estimates.py keeps the two equal). What ``--low-memory`` auto compares with the GPU's
+    #: free memory, and what decides streaming. A checkpoint of another size takes the next larger one's.
+    activation_gib_512: ClassVar[Mapping[float, Mapping[str, float]]] = {}
+    #: kept free on top of the scaled estimate: the allocator's fragmentation, the CUDA context's share
     memory_margin_gib: ClassVar[float] = 1.0
+    #: Whether the denoiser's repeated blocks may keep their weights in CPU memory
+    #: (:meth:`stream_denoiser_blocks`) when the GPU is too small to hold them: the large transformers.
+    streams_when_short: ClassVar[bool] = False
 
     pipeline: Any
     denoiser: torch.nn.Module
     device: torch.device
+    preset: Any
+    denoiser_name: ClassVar[str]
     text_encoder_names: ClassVar[tuple[str, ...]]
     frozen_text_encoder_names: ClassVar[tuple[str, ...]]
 
@@ -96,6 +110,8 @@ class MemorySavers:
         #: the memory tier ``place_on`` chose for the GPU (auto keeps it where there is no estimate)
         self.load_time_tier = "plain"
         self.streams_denoiser = False  # set by stream_denoiser_blocks
+        #: the denoiser's size as loaded (no LoRA; streaming later empties the parameters it moves)
+        self.denoiser_billion_parameters = sum(p.numel() for p in self.denoiser.parameters()) / 1e9
 
     # -- text encoders ------------------------------------------------------------------------------
     def offload_text_encoders(self) -> tuple[str, ...]:
@@ -148,13 +164,31 @@ class MemorySavers:
         """
         self.denoiser.enable_gradient_checkpointing()
 
+    def activation_estimate(self) -> Mapping[str, float] | None:
+        """:attr:`activation_gib_512` of the counted checkpoint this denoiser matches: the same size (to 1%),
+        else the smallest larger one, else the largest (an estimate either way); None without counts."""
+        if not self.activation_gib_512:
+            return None
+        size = self.denoiser_billion_parameters
+        larger = [counted for counted in sorted(self.activation_gib_512) if counted >= size * 0.99]
+        return self.activation_gib_512[larger[0] if larger else max(self.activation_gib_512)]
+
+    def activation_need_gib(self, tier: str, resolution: int) -> float | None:
+        """GPU memory a run at ``resolution`` needs free for ``tier``, beyond its weights: the estimate, scaled
+        with the pixel count and the dtype's size, with headroom for what the count does not see, plus the margin."""
+        estimates = self.activation_estimate()
+        if estimates is None:
+            return None
+        scale = (resolution / 512) ** 2 * self.denoiser.dtype.itemsize / 2
+        return estimates[tier] * scale * ACTIVATION_HEADROOM + self.memory_margin_gib
+
     def choose_memory_plan(self, low_memory: bool | None, resolution: int) -> MemoryPlan:
         """The memory savers of a run: forced by ``low_memory``, or (``None``) chosen from the GPU's free memory.
 
         Call it once the run's weights are on the GPU (LoRA attached, frozen text encoders parked):
         the free memory is then what the loop's activations can have. Auto takes the fastest tier
-        whose estimated activations (scaled with the pixel count) plus a margin fit, else the lightest.
-        Every tier computes the same numbers (checkpointing reruns the same forward in backward).
+        whose need (:meth:`activation_need_gib`) fits, else the lightest. Every tier computes the same
+        numbers (checkpointing reruns the same forward in backward).
         """
         if low_memory is not None:
             return MemoryPlan("checkpoint-all" if low_memory else "plain",
@@ -162,14 +196,11 @@ class MemorySavers:
         free = cuda_free_memory_gib(self.device)
         if free is None:
             return MemoryPlan(self.load_time_tier, f"auto: {self.device.type} device, no GPU memory to save")
-        estimates = self.activation_gib_512
-        if estimates is None:
-            return MemoryPlan(self.load_time_tier, f"auto: {free:.1f} GiB free; {type(self).__name__} chose its "
-                              "savers from the GPU's size when it loaded", free)
-        # Activations grow with the pixel count, and double in fp32.
-        scale = (resolution / 512) ** 2 * self.denoiser.dtype.itemsize / 2
+        if self.activation_estimate() is None:
+            return MemoryPlan(self.load_time_tier, f"auto: {free:.1f} GiB free; {type(self).__name__} has no "
+                              "activation estimate, so it keeps the savers it loaded with", free)
         for tier in MEMORY_TIERS:
-            needed = estimates[tier] * scale + self.memory_margin_gib
+            needed = self.activation_need_gib(tier, resolution)
             if free >= needed:
                 return MemoryPlan(tier, f"auto: {free:.1f} GiB free, ~{needed:.1f} GiB needed", free)
         return MemoryPlan(MEMORY_TIERS[-1], f"auto: {free:.1f} GiB free, less than the ~{needed:.1f} GiB the "
@@ -192,6 +223,27 @@ class MemorySavers:
                 vae.enable_gradient_checkpointing()
             elif vae.is_gradient_checkpointing:
                 vae.disable_gradient_checkpointing()
+
+    def weights_gib(self, *names: str) -> float:
+        """The named components' weights (every component's when none is named), in GiB: exact."""
+        components = self.pipeline.components
+        modules = [components.get(name) for name in names] if names else list(components.values())
+        return sum(p.numel() * p.element_size() for module in modules if isinstance(module, torch.nn.Module)
+                   for p in module.parameters()) / 2**30
+
+    def needs_streaming(self, device: torch.device) -> bool:
+        """Whether the denoiser's block weights must stay in CPU memory on ``device``: for a family that
+        may stream, a GPU smaller than what loading puts on it (every weight: the prompt is encoded there
+        before the frozen encoders are parked) or than the loop at its lightest (the denoiser, VAE, trained
+        text encoders and similarity models, the checkpointed activations), plus the margin."""
+        memory = cuda_memory_gib(device)
+        estimate = self.activation_need_gib("checkpoint-all", 512)
+        if memory is None or not self.streams_when_short or estimate is None:
+            return False
+        trained = self.text_encoder_names if self.preset.train_text_encoder else ()
+        at_load = self.weights_gib() + SIMILARITY_WEIGHTS_GIB + self.memory_margin_gib
+        in_loop = self.weights_gib(self.denoiser_name, "vae", *trained) + SIMILARITY_WEIGHTS_GIB + estimate
+        return memory < max(at_load, in_loop)
 
     # -- streaming ----------------------------------------------------------------------------------------
     def stream_denoiser_blocks(self) -> int:

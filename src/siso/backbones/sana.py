@@ -29,6 +29,10 @@ class SanaBackbone(Backbone):
         "(its reference runs Sana without a text-encoder LoRA, and SanaPipeline loads none)."
     )
     preset: ClassVar[BackbonePreset] = SANA
+    #: counted by benchmarks/count_memory.py: GiB at 512 px, bf16, DINO + IR, by denoiser size (billions)
+    activation_gib_512: ClassVar[Mapping[float, Mapping[str, float]]] = {
+        1.604: {"plain": 7.86, "checkpoint-vae": 7.86, "checkpoint-all": 4.98},
+    }
     #: SanaPipeline's check_inputs: image sides must be multiples of 32.
     pipeline_multiple: ClassVar[int] = 32
 
@@ -46,7 +50,7 @@ class SanaBackbone(Backbone):
         return self.guidance_scale > 1.0  # as SanaPipeline decides it
 
     @classmethod
-    def plain_pipeline_kwargs(cls) -> dict[str, Any]:
+    def plain_pipeline_kwargs(cls, steps: int) -> dict[str, Any]:
         # SanaPipeline otherwise snaps the size to the nearest aspect-ratio bin of the model's training
         # resolution, samples there and resizes; siso samples the requested size directly (the same
         # thing at the 512 px the method uses with the 512 px model).

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
+from diffusers.utils import convert_state_dict_to_diffusers
 
 from ..lora_layouts import SD1, SD2_512, SD2_768_V, BaseModel
 from ..presets import SD_TURBO, BackbonePreset
@@ -19,12 +20,9 @@ class StableDiffusionBackbone(Backbone):
     pipeline_classes: ClassVar[tuple[str, ...]] = ("StableDiffusionPipeline",)
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
     preset: ClassVar[BackbonePreset] = SD_TURBO
-    # What each part keeps for backward at 512 px in bf16, counted on the CPU with the real
-    # architectures (saved-tensor hooks, random weights): UNet 1.1 GiB (0.15 checkpointed), VAE
-    # decoder 2.8 (0.4 checkpointed), DINOv2-L at 518 px 1.2, IR at 290 px 1.6. Estimates, not GPU
-    # peaks (docs/performance.md says which figures are measured).
-    activation_gib_512: ClassVar[Mapping[str, float] | None] = {
-        "plain": 6.7, "checkpoint-vae": 4.3, "checkpoint-all": 3.4,
+    #: counted by benchmarks/count_memory.py: GiB at 512 px, bf16, DINO + IR, by denoiser size (billions)
+    activation_gib_512: ClassVar[Mapping[float, Mapping[str, float]]] = {
+        0.866: {"plain": 4.8, "checkpoint-vae": 3.74, "checkpoint-all": 3.15},
     }
 
     def base_model(self) -> BaseModel:
@@ -36,6 +34,10 @@ class StableDiffusionBackbone(Backbone):
             return SD1
         v_prediction = self.pipeline.scheduler.config.get("prediction_type") == "v_prediction"
         return SD2_768_V if v_prediction else SD2_512
+
+    def diffusers_lora_layers(self, layers: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """diffusers' UNet layout (``lora.down``/``lora_linear_layer``), as its SD and SDXL scripts save."""
+        return convert_state_dict_to_diffusers(dict(layers))
 
     @property
     def resolution_multiple(self) -> int:

@@ -17,11 +17,9 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
     pipeline_classes: ClassVar[tuple[str, ...]] = ("StableDiffusionXLPipeline",)
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     preset: ClassVar[BackbonePreset] = SDXL_TURBO
-    # As SD-Turbo's (same VAE and similarity models), with the larger UNet: ~2.1 GiB kept at 512 px
-    # (scaled from SD-Turbo's count; 0.16 checkpointed). Estimates, not GPU peaks (docs/performance.md
-    # says which figures are measured).
-    activation_gib_512: ClassVar[Mapping[str, float] | None] = {
-        "plain": 7.7, "checkpoint-vae": 5.3, "checkpoint-all": 3.4,
+    #: counted by benchmarks/count_memory.py: GiB at 512 px, bf16, DINO + IR, by denoiser size (billions)
+    activation_gib_512: ClassVar[Mapping[float, Mapping[str, float]]] = {
+        2.567: {"plain": 5.79, "checkpoint-vae": 4.72, "checkpoint-all": 3.5},
     }
 
     def base_model(self) -> BaseModel:
