@@ -145,3 +145,32 @@ def assert_streams_exactly_when_the_gpu_is_too_small(monkeypatch, model_dir) -> 
         assert backbone.load_time_tier == ("checkpoint-all" if streams else "plain")
         streamed = [m for m in backbone.denoiser.modules() if torch.nn.utils.parametrize.is_parametrized(m, "weight")]
         assert bool(streamed) == streams
+
+
+def assert_only_the_last_steps_carry_gradients(backbone, steps: int, grad_steps: int) -> list[torch.nn.Parameter]:
+    """Render ``steps`` steps with a non-zero LoRA: the denoiser runs under autograd in the last ``grad_steps``
+    only, truncating the graph changes nothing forward, and backward reaches the LoRA. Returns its parameters
+    (the caller asserts how many got a gradient)."""
+    from siso.backbones import render
+    from siso.lora import attach_lora
+
+    params = lora_parameters(attach_lora(backbone, rank=4, train_text_encoder=False, seed=0))
+    with torch.no_grad():
+        for p in params:  # a non-zero LoRA, so every step depends on the parameters
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    grad_modes: list[bool] = []
+    hook = backbone.denoiser.register_forward_pre_hook(lambda module, args: grad_modes.append(torch.is_grad_enabled()))
+    cond = backbone.encode_prompt(PROMPT, RESOLUTION)
+    try:
+        image = render(backbone, cond, seed=42, resolution=RESOLUTION, num_steps=steps, grad_steps=grad_steps)
+        # Guidance runs both prompts as one batch where a family has it: one denoiser call per step.
+        assert grad_modes == [False] * (steps - grad_steps) + [True] * grad_steps
+        grad_modes.clear()
+        with torch.no_grad():
+            reference = render(backbone, cond, seed=42, resolution=RESOLUTION, num_steps=steps, grad_steps=steps)
+        assert grad_modes == [False] * steps
+    finally:
+        hook.remove()
+    assert torch.equal(image.detach(), reference)
+    image.mean().backward()
+    return params

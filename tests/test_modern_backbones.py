@@ -20,6 +20,7 @@ import torch
 from conftest import RESOLUTION
 from helpers import (
     PROMPT,
+    assert_only_the_last_steps_carry_gradients,
     assert_planted_subject_recovered,
     assert_streams_exactly_when_the_gpu_is_too_small,
     lora_parameters,
@@ -133,22 +134,7 @@ def test_the_distilled_klein_ignores_guidance_as_its_pipeline_does(modern_dirs, 
                                                    ("z-image", 4, 2)])
 def test_only_the_last_k_steps_are_differentiated(modern_dirs, name, steps, grad_steps):
     backbone = load_backbone(str(modern_dirs[name]), CPU, torch.float32)
-    params = lora_parameters(attach_lora(backbone, rank=4, train_text_encoder=False, seed=0))
-    with torch.no_grad():
-        for p in params:  # a non-zero LoRA, so every step depends on the parameters
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    grad_modes: list[bool] = []
-    hook = backbone.denoiser.register_forward_pre_hook(lambda module, args: grad_modes.append(torch.is_grad_enabled()))
-    cond = backbone.encode_prompt(PROMPT, RESOLUTION)
-    try:
-        image = render(backbone, cond, seed=42, resolution=RESOLUTION, num_steps=steps, grad_steps=grad_steps)
-        assert grad_modes == [False] * (steps - grad_steps) + [True] * grad_steps
-        with torch.no_grad():
-            reference = render(backbone, cond, seed=42, resolution=RESOLUTION, num_steps=steps, grad_steps=steps)
-    finally:
-        hook.remove()
-    assert torch.equal(image.detach(), reference)
-    image.mean().backward()
+    params = assert_only_the_last_steps_carry_gradients(backbone, steps, grad_steps)
     assert sum(1 for p in params if p.grad is not None and p.grad.abs().sum() > 0) > len(params) // 2
 
 

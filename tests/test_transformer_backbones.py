@@ -15,6 +15,7 @@ import torch
 from conftest import RESOLUTION
 from helpers import (
     PROMPT,
+    assert_only_the_last_steps_carry_gradients,
     assert_planted_subject_recovered,
     assert_streams_exactly_when_the_gpu_is_too_small,
     lora_parameters,
@@ -96,25 +97,7 @@ def test_zero_lora_render_equals_plain_pipeline(transformer_dirs, name, steps, g
 @pytest.mark.parametrize("name,steps,grad_steps", [("flux", 4, 1), ("sana", 6, 3)])
 def test_only_the_last_k_steps_are_differentiated(transformer_dirs, name, steps, grad_steps):
     backbone = load_backbone(str(transformer_dirs[name]), CPU, torch.float32)
-    params = lora_parameters(attach_lora(backbone, rank=4, train_text_encoder=False, seed=0))
-    with torch.no_grad():
-        for p in params:  # a non-zero LoRA, so every step depends on the parameters
-            p.add_(0.05 * torch.randn_like(p))
-    grad_modes: list[bool] = []
-    hook = backbone.denoiser.register_forward_pre_hook(lambda module, args: grad_modes.append(torch.is_grad_enabled()))
-    cond = backbone.encode_prompt(PROMPT, RESOLUTION)
-    try:
-        image = render(backbone, cond, seed=42, resolution=RESOLUTION, num_steps=steps, grad_steps=grad_steps)
-        # Sana's guidance runs both prompts as one batch: one denoiser call per step.
-        assert grad_modes == [False] * (steps - grad_steps) + [True] * grad_steps
-        grad_modes.clear()
-        with torch.no_grad():
-            reference = render(backbone, cond, seed=42, resolution=RESOLUTION, num_steps=steps, grad_steps=steps)
-        assert grad_modes == [False] * steps
-    finally:
-        hook.remove()
-    assert torch.equal(image.detach(), reference)  # truncating the graph changes nothing forward
-    image.mean().backward()
+    params = assert_only_the_last_steps_carry_gradients(backbone, steps, grad_steps)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
 
 

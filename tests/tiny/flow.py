@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import torch
 from diffusers import (
-    AutoencoderDC,
     AutoencoderKL,
     AutoencoderKLFlux2,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     Flux2Transformer2DModel,
     SanaSprintPipeline,
-    SanaTransformer2DModel,
     SCMScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
@@ -30,8 +28,6 @@ from diffusers import (
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
     CLIPTextModelWithProjection,
-    Gemma2Config,
-    Gemma2Model,
     Qwen2Tokenizer,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -41,7 +37,7 @@ from transformers import (
 )
 
 from .diffusion import _text_config, clip_tokenizer
-from .transformer import gemma_tokenizer, t5_tokenizer
+from .transformer import sana_components, t5_tokenizer
 
 QWEN_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
 # What Qwen3's template produces for a user message and the assistant's turn, with or without thinking.
@@ -113,31 +109,9 @@ def sd3_pipeline() -> StableDiffusion3Pipeline:
 
 def sana_sprint_pipeline() -> SanaSprintPipeline:
     """Sana-Sprint in miniature: Sana's transformer with the guidance embedding, the SCM sampler, Gemma-2."""
-    tokenizer = gemma_tokenizer()
-    torch.manual_seed(0)
-    text_encoder = Gemma2Model(Gemma2Config(
-        head_dim=8, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
-        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=2048, pad_token_id=0,
-        eos_token_id=1, bos_token_id=2, attn_implementation="eager",
-    ))
-    torch.manual_seed(0)
-    transformer = SanaTransformer2DModel(
-        patch_size=1, in_channels=8, out_channels=8, num_layers=2, num_attention_heads=2, attention_head_dim=4,
-        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=16,
-        sample_size=32, guidance_embeds=True, guidance_embeds_scale=0.1, qk_norm="rms_norm_across_heads",
-    )
-    torch.manual_seed(0)
-    vae = AutoencoderDC(
-        in_channels=3, latent_channels=8, attention_head_dim=2,
-        encoder_block_types=("ResBlock", "EfficientViTBlock"), decoder_block_types=("ResBlock", "EfficientViTBlock"),
-        encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
-        encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
-        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), downsample_block_type="conv",
-        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
-        scaling_factor=0.41407,
-    )
-    return SanaSprintPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                              scheduler=SCMScheduler())
+    parts = sana_components(sample_size=32, guidance_embeds=True, guidance_embeds_scale=0.1,
+                            qk_norm="rms_norm_across_heads")
+    return SanaSprintPipeline(**parts, scheduler=SCMScheduler())
 
 
 def flux2_klein_pipeline(distilled: bool = True) -> Flux2KleinPipeline:

@@ -105,8 +105,9 @@ def flux_pipeline(guidance_embeds: bool = False, dynamic_shifting: bool = False)
     )
 
 
-def sana_pipeline() -> SanaPipeline:
-    """Sana_1600M_512px in miniature, with its flow DPM-Solver scheduler."""
+def sana_components(**transformer_options) -> dict:
+    """Sana's tokenizer, Gemma-2, transformer (``transformer_options`` on top of the tiny sizes) and DC-AE
+    VAE in miniature: what Sana and Sana-Sprint pipelines share."""
     tokenizer = gemma_tokenizer()
     torch.manual_seed(0)
     text_encoder = Gemma2Model(Gemma2Config(
@@ -115,11 +116,11 @@ def sana_pipeline() -> SanaPipeline:
         eos_token_id=1, bos_token_id=2, attn_implementation="eager",
     ))
     torch.manual_seed(0)
-    transformer = SanaTransformer2DModel(
-        patch_size=1, in_channels=8, out_channels=8, num_layers=2, num_attention_heads=2, attention_head_dim=4,
-        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=16,
-        sample_size=16,
-    )
+    transformer = SanaTransformer2DModel(**{
+        "patch_size": 1, "in_channels": 8, "out_channels": 8, "num_layers": 2, "num_attention_heads": 2,
+        "attention_head_dim": 4, "num_cross_attention_heads": 2, "cross_attention_head_dim": 4,
+        "cross_attention_dim": 8, "caption_channels": 16, "sample_size": 16, **transformer_options,
+    })
     torch.manual_seed(0)
     vae = AutoencoderDC(
         in_channels=3, latent_channels=8, attention_head_dim=2,
@@ -130,6 +131,10 @@ def sana_pipeline() -> SanaPipeline:
         upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
         scaling_factor=0.41407,
     )
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "transformer": transformer, "vae": vae}
+
+
+def sana_pipeline() -> SanaPipeline:
+    """Sana_1600M_512px in miniature, with its flow DPM-Solver scheduler."""
     scheduler = DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction")
-    return SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                        scheduler=scheduler)
+    return SanaPipeline(**sana_components(), scheduler=scheduler)
