@@ -132,7 +132,7 @@ def test_lora_format_flag(run_siso, monkeypatch, tmp_path, sd_dir, dino_dir, sub
     code, text = run_siso(*generate_args(sd_dir, dino_dir, subject_photo, out, "--max-steps", "1", *flags))
     assert code == 0, text
     names = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "siso_lora_kohya.safetensors"}
-    assert sorted(p.name for p in (out / "lora").iterdir()) == [names[f] for f in formats]
+    assert sorted(p.name for p in (out / "lora").glob("*.safetensors")) == [names[f] for f in formats]
     assert json.loads((out / "run.json").read_text())["config"]["lora_format"] == formats
     assert ("siso_lora_kohya.safetensors  (ComfyUI: LoraLoader" in text) == ("kohya" in formats)  # the summary
 

@@ -58,7 +58,8 @@ def test_overwrite_replaces_a_siso_run_whole(run_siso, tmp_path, sd_dir, dino_di
     assert code == 0, text
     # Nothing of the first run is left: no stale step images, no kohya file of the other run.
     assert sorted(p.name for p in (out / "steps").iterdir()) == ["0000.png"]
-    assert sorted(p.name for p in (out / "lora").iterdir()) == ["pytorch_lora_weights.safetensors"]
+    assert sorted(p.name for p in (out / "lora").iterdir()) == ["README.md", "best.png",
+                                                                 "pytorch_lora_weights.safetensors"]
     assert len(strict_json(out / "run.json")["losses"]) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no half-moved or backup directories
 

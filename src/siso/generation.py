@@ -61,6 +61,9 @@ class GenerateTask(Task):
     def memory_hints(self) -> list[str]:
         return ["dropping --train-text-encoder"] if self.config.train_text_encoder else []
 
+    def lora_title(self) -> str:
+        return f"siso LoRA: {self.config.prompt}"
+
 
 def prepare_generation(config: GenerateConfig, cache: ModelCache | None = None) -> Session:
     """Load everything a generation needs, writing nothing; fails fast (before any model loads) on bad inputs."""

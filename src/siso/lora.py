@@ -3,10 +3,12 @@ plain diffusers, ComfyUI and A1111 load."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +17,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from .files import FILE_MODE
 from .lora_layouts import canonical_layers, kohya_layers, kohya_metadata, kohya_prefixes
@@ -125,11 +127,12 @@ def snapshot_lora(backbone: Backbone) -> LoraState:
 
 
 def save_lora(backbone: Backbone, state: LoraState, directory: str | Path,
-              formats: tuple[str, ...] | None = None, resolution: int | None = None) -> Path:
+              formats: tuple[str, ...] | None = None, resolution: int | None = None,
+              title: str = "siso LoRA") -> Path:
     """Write ``state`` into ``directory``: diffusers' layout always, kohya's too when ``formats`` says so.
 
     ``formats`` None means the backbone's defaults (kohya as well for SD and SDXL); ``resolution``
-    (the run's image side) goes into the kohya file's metadata. Both files name text-encoder
+    (the run's image side) and ``title`` go into the kohya file's ModelSpec metadata. Both files name text-encoder
     layers in the transformers-4 layout (``lora_layouts``), whichever transformers is installed.
     Files are written into a temporary sibling directory and moved into place, so an interrupted
     save never leaves a half-written LoRA.
@@ -142,8 +145,8 @@ def save_lora(backbone: Backbone, state: LoraState, directory: str | Path,
     try:
         backbone.save_lora_weights(str(staging), canonical)
         if "kohya" in formats:
-            tensors, metadata = kohya_file(backbone, canonical, resolution)
-            save_file(tensors, staging / KOHYA_WEIGHT_NAME, metadata=metadata)
+            tensors, metadata = kohya_file(backbone, canonical, resolution, title)
+            save_kohya_file(tensors, metadata, staging / KOHYA_WEIGHT_NAME)
         for file in staging.iterdir():
             os.chmod(file, FILE_MODE)  # safetensors writes 0600, as mkstemp would
             file.replace(directory / file.name)
@@ -152,8 +155,17 @@ def save_lora(backbone: Backbone, state: LoraState, directory: str | Path,
     return directory
 
 
-def kohya_file(backbone: Backbone, canonical: LoraState,
-               resolution: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def save_kohya_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    """Write the kohya file with ModelSpec's ``hash_sha256``: the SHA-256 of the tensor content, the file
+    without its header (which the data section does not depend on), ``0x``-prefixed."""
+    serialized = save(tensors, metadata=metadata)
+    header = int.from_bytes(serialized[:8], "little")
+    digest = hashlib.sha256(serialized[8 + header:]).hexdigest()
+    save_file(tensors, path, metadata={**metadata, "modelspec.hash_sha256": f"0x{digest}"})
+
+
+def kohya_file(backbone: Backbone, canonical: LoraState, resolution: int | None = None,
+               title: str = "siso LoRA") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The kohya file's tensors and metadata for canonical-layout ``state`` (see ``lora_layouts``).
 
     Each component's alpha and rank come from its live adapter config, so the file scales each layer
@@ -169,7 +181,8 @@ def kohya_file(backbone: Backbone, canonical: LoraState,
     for name, layers in canonical.items():
         tensors.update(kohya_layers(layers, prefixes[name], configs[name].lora_alpha))
     denoiser = configs[backbone.denoiser_name]
-    return tensors, kohya_metadata(base, denoiser.r, denoiser.lora_alpha, resolution)
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return tensors, kohya_metadata(base, denoiser.r, denoiser.lora_alpha, resolution, title, date)
 
 
 def adapter_config(backbone: Backbone, name: str) -> LoraConfig:

@@ -90,8 +90,10 @@ def kohya_layers(layers: Mapping[str, torch.Tensor], prefix: str, alpha: float) 
     return out
 
 
-def kohya_metadata(base: BaseModel, rank: int, alpha: float, resolution: int | None) -> dict[str, str]:
-    """The safetensors metadata of the kohya file: sd-scripts' minimum network keys and ModelSpec's."""
+def kohya_metadata(base: BaseModel, rank: int, alpha: float, resolution: int | None,
+                   title: str = "siso LoRA", date: str | None = None) -> dict[str, str]:
+    """The safetensors metadata of the kohya file: sd-scripts' minimum network keys and ModelSpec's
+    (``modelspec.hash_sha256`` is added by :func:`siso.lora.save_kohya_file`, once the tensors are known)."""
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
@@ -103,9 +105,11 @@ def kohya_metadata(base: BaseModel, rank: int, alpha: float, resolution: int | N
         "modelspec.architecture": f"{base.architecture}/lora",
         # Our names are the diffusers UNet's module paths (what sd-scripts calls "diffusers" for SD 1/2).
         "modelspec.implementation": "diffusers",
-        "modelspec.title": "siso LoRA",
+        "modelspec.title": title,
         "modelspec.prediction_type": base.prediction_type,
     }
+    if date is not None:
+        metadata["modelspec.date"] = date
     if resolution is not None:
         metadata["modelspec.resolution"] = f"{resolution}x{resolution}"
     return metadata

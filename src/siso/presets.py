@@ -45,6 +45,9 @@ class BackbonePreset:
     #: the LoRA file layouts that load back into this family, and those written by default
     lora_formats: tuple[str, ...] = ("diffusers",)
     lora_format: tuple[str, ...] = ("diffusers",)
+    #: the file of the two that ComfyUI's LoRA loader takes whole (checked against its own loader in
+    #: tests/test_comfyui_lora.py); None where that is not yet checked
+    comfyui_lora_format: str | None = None
 
     def to_record(self) -> dict[str, Any]:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
@@ -53,10 +56,11 @@ class BackbonePreset:
 # SD-Turbo: the paper generates with SDXL-Turbo, FLUX and Sana, so SD-Turbo takes SDXL-Turbo's numbers,
 # without the text-encoder LoRA (the cheapest setting). The kohya file is small and is what ComfyUI and
 # A1111 load, so SD and SDXL write it by default too.
-SD_TURBO = BackbonePreset(family="sd-turbo", title="SD-Turbo", lora_formats=LORA_FORMATS, lora_format=LORA_FORMATS)
+SD_TURBO = BackbonePreset(family="sd-turbo", title="SD-Turbo", lora_formats=LORA_FORMATS, lora_format=LORA_FORMATS,
+                          comfyui_lora_format="kohya")
 # SDXL-Turbo as the reference's SDXL command runs it: the text encoders' LoRA on, in the denoiser's group.
 SDXL_TURBO = BackbonePreset(family="sdxl-turbo", title="SDXL-Turbo", train_text_encoder=True,
-                            lora_formats=LORA_FORMATS, lora_format=LORA_FORMATS)
+                            lora_formats=LORA_FORMATS, lora_format=LORA_FORMATS, comfyui_lora_format="kohya")
 # FLUX.1-schnell as the reference runs it: one step while optimising (more gives poor images), no guidance,
 # 4 to render; weight decay 1e-4; the CLIP text encoder's LoRA on, in its own AdamW group (lr 5e-6, weight
 # decay 1e-3); T5 prompts of 256 tokens while optimising (512 to render). Its LoRA covers the attention
@@ -68,6 +72,7 @@ FLUX_SCHNELL = BackbonePreset(
     text_encoder_learning_rate=5e-6, text_encoder_weight_decay=1e-3, prompt_max_tokens=256,
     lora_targets=("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                   "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
+    comfyui_lora_format="diffusers",
 )
 # Sana as the reference's command runs it: 20 steps, gradients through the last 3, guidance 4.5, lr 8e-4,
 # weight decay 1e-4, patience 5, Gemma prompts of 256 tokens while optimising (300 to render); LoRA on

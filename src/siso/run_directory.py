@@ -22,6 +22,7 @@ from .errors import SisoError
 from .files import atomic_path, make_private_dir_public, write_json, write_png
 from .images import tensor_to_pil
 from .loop import Optimization, StepEvent
+from .model_card import write_model_card
 
 _LIBRARIES = ("siso", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors")
 
@@ -158,6 +159,8 @@ class RunWriter:
                 self.save_lora(self.out / "lora")
                 self.record["lora"] = "lora"
                 self.record["lora_step"] = step
+        if self.save_lora is not None:  # the card describes the pair just written
+            write_model_card(self.out / "lora", self.record, self.out / "best.png")
 
     def finish(self, optimization: Optimization, timings: dict[str, float], status: str = "finished",
                error: str | None = None) -> dict[str, Any]:

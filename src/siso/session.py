@@ -91,6 +91,10 @@ class Task(ABC):
         """What else the user can switch off when the GPU runs out of memory."""
         return []
 
+    @abstractmethod
+    def lora_title(self) -> str:
+        """The LoRA's title in its files' metadata (ModelSpec's ``title``)."""
+
 
 class Session:
     """A prepared run: iterate it to optimise (``for event in session``), stop it, save its best LoRA.
@@ -190,7 +194,8 @@ class Session:
         if state is None:
             raise SisoError("No iteration finished, so there is no LoRA to save yet.")
         with self.active():
-            return save_lora(self.backbone, state, directory, self.config.lora_format, self.config.resolution)
+            return save_lora(self.backbone, state, directory, self.config.lora_format, self.config.resolution,
+                             self.task.lora_title())
 
     def close(self) -> None:
         """Hand the backbone back to the cache, clean (nothing if another run has it now)."""

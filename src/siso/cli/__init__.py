@@ -1,5 +1,5 @@
 """The command line: one module per command (``generate``, ``render``, ``convert_ir``, ``edit``, ``bench``,
-``web`` for `siso app`), each a thin typed function over a library call, on shared option types
+``push``, ``web`` for `siso app`), each a thin typed function over a library call, on shared option types
 (``options``) and one way of showing a run (``output``). This entry point imports the commands and
 registers them; no command imports it back. User mistakes exit 2 with one message, never a traceback.
 """
@@ -18,7 +18,7 @@ import typer  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
 from ..errors import SisoError  # noqa: E402
-from . import bench, convert_ir, edit, generate, render, web  # noqa: E402
+from . import bench, convert_ir, edit, generate, push, render, web  # noqa: E402
 from .output import console  # noqa: E402
 
 app = typer.Typer(
@@ -33,6 +33,7 @@ app.command("convert-ir")(convert_ir.convert_ir)
 app.command("app")(web.web_app)
 app.command("bench")(bench.bench)
 app.command("edit")(edit.edit)
+app.command("push")(push.push)
 
 
 def main() -> None:

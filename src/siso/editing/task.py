@@ -187,6 +187,9 @@ class EditTask(Task):
 
         return render_edit, EditLoss(similarity, scene_pixels, self.mask.background.to(device), config.bg_weight)
 
+    def lora_title(self) -> str:
+        return f"siso edit LoRA: {self.prompts['edit']}"
+
     def record(self) -> dict[str, Any]:
         scene = pil_to_tensor(self.scene)
         return {
