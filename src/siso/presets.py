@@ -96,6 +96,7 @@ MMDIT_LORA_TARGETS = FLUX_SCHNELL.lora_targets
 SD35_TURBO = BackbonePreset(
     family="sd3.5-turbo", title="SD3.5-Turbo", adam_weight_decay=1e-4, train_text_encoder=True,
     text_encoder_learning_rate=5e-6, text_encoder_weight_decay=1e-3, lora_targets=MMDIT_LORA_TARGETS,
+    comfyui_lora_format="diffusers",
 )
 # Sana-Sprint: Sana distilled to 1-4 steps (2 by default) with the guidance embedded (4.5): Sana's optimiser
 # numbers (lr 8e-4, patience 5), one step while optimising, Sana's LoRA targets; Gemma-2 stays frozen.
