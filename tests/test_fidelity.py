@@ -147,7 +147,8 @@ def per_family_defaults(help_text: str) -> dict[str, str]:
     for group in text.removeprefix("the backbone's: ").split("; "):
         named = []
         while True:
-            title = next((t for t in titles if group.startswith(t)), None)
+            # the longest title that matches: "Sana-Sprint" must not be read as "Sana" and "-Sprint"
+            title = max((t for t in titles if group.startswith(t)), key=len, default=None)
             if title is None:
                 break
             named.append(title)

@@ -103,7 +103,7 @@ def test_the_entry_point_imports_the_commands():
     import siso.cli
 
     names = {command.name for command in siso.cli.app.registered_commands}
-    assert names == {"generate", "render", "convert-ir", "app", "bench", "edit"}
+    assert names == {"generate", "render", "convert-ir", "app", "bench", "edit", "push"}
 
 
 def test_the_readmes_python_names_are_sisos_own():

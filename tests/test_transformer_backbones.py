@@ -197,7 +197,9 @@ def test_lora_round_trip_through_plain_diffusers(finished_run):
     record = json.loads((result.run_dir / "run.json").read_text())
     assert record["backbone"] == {"flux": "FluxBackbone", "sana": "SanaBackbone"}[name]
     assert record["config"]["lora_format"] == ["diffusers"]  # their default: no kohya file
-    assert sorted(p.name for p in result.lora_dir.iterdir()) == ["pytorch_lora_weights.safetensors"]
+    # the weights, plus the model card and its picture that diffusers' loader never reads
+    files = sorted(p.name for p in result.lora_dir.iterdir())
+    assert files == ["README.md", "best.png", "pytorch_lora_weights.safetensors"]
     state = load_file(result.lora_dir / "pytorch_lora_weights.safetensors")
     components = {key.split(".")[0] for key in state}
     assert components == ({"transformer", "text_encoder"} if name == "flux" else {"transformer"})

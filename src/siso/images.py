@@ -60,7 +60,7 @@ def _check_size(size: tuple[int, int], path: Path, role: str) -> None:
     if min(width, height) < MIN_SIDE:
         raise SisoError(
             f"The {role} {path} is {width}x{height} pixels; each side must be at least {MIN_SIDE} px. "
-            "Use a larger photo of the subject."
+            "Use a larger image."
         )
     if max(width, height) > MAX_SIDE:
         raise SisoError(

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCardData
 
 from .files import atomic_path
 from .model_ids import FAMILY_CHECKPOINTS
@@ -118,10 +118,6 @@ def write_model_card(lora_dir: Path, record: dict[str, Any], best_png: Path) -> 
         shutil.copyfile(best_png, image)
     with atomic_path(lora_dir / CARD_NAME) as card:
         card.write_text(card_text(record), encoding="utf-8")
-
-
-def read_card(lora_dir: Path) -> ModelCard:
-    return ModelCard.load(lora_dir / CARD_NAME)
 
 
 def _link(model: str) -> str:

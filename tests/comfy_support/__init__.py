@@ -154,6 +154,38 @@ class ComfyServer:
             time.sleep(0.5)
         raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s:\n{self.log.read_text()[-4000:]}")
 
+    def run_watched(self, workflow: dict, timeout: float = 600) -> tuple[list[dict], list[bytes]]:
+        """Queue ``workflow`` as a browser tab would, over ComfyUI's websocket: every JSON message it sends
+        that tab until the prompt is done, and the preview images (their encoded bytes) it sent."""
+        import asyncio
+
+        import aiohttp
+
+        client = f"siso-test-{time.time_ns()}"
+
+        async def watch() -> tuple[list[dict], list[bytes]]:
+            messages: list[dict] = []
+            previews: list[bytes] = []
+            async with aiohttp.ClientSession() as session, session.ws_connect(
+                    f"{self.url.replace('http', 'ws')}/ws?clientId={client}") as socket:
+                async with session.post(f"{self.url}/prompt", json={"prompt": workflow, "client_id": client}) as r:
+                    prompt_id = (await r.json())["prompt_id"]
+                async for frame in socket:
+                    if frame.type == aiohttp.WSMsgType.BINARY:
+                        event = int.from_bytes(frame.data[:4], "big")
+                        if event == 1:  # PREVIEW_IMAGE: a 4-byte image type, then the encoded image
+                            previews.append(frame.data[8:])
+                        continue
+                    message = json.loads(frame.data)
+                    messages.append(message)
+                    data = message.get("data", {})
+                    if data.get("prompt_id") == prompt_id and message["type"] in (
+                            "execution_success", "execution_error", "execution_interrupted"):
+                        break
+            return messages, previews
+
+        return asyncio.run(asyncio.wait_for(watch(), timeout))
+
     def __enter__(self) -> ComfyServer:
         return self.start()
 

@@ -100,3 +100,31 @@ def sdxl_pipeline() -> StableDiffusionXLPipeline:
 def save(model, directory: Path) -> Path:
     model.save_pretrained(directory)
     return directory
+
+
+def sd15_comfyui_pipeline() -> StableDiffusionPipeline:
+    """The smallest SD 1.5 that ComfyUI's model detection takes for SD 1.5 (tests/test_comfyui_nodes.py):
+    its UNet has SD 1.5's 320 channels and 768-wide cross-attention but two levels of one block each, and the
+    text encoder and VAE are full CLIP-L and SD's VAE (ComfyUI builds those at their fixed sizes)."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(320, 640), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768, attention_head_dim=8,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=768, intermediate_size=3072, layer_norm_eps=1e-5,
+        num_attention_heads=12, num_hidden_layers=12, vocab_size=49408, max_position_embeddings=77,
+        hidden_act="quick_gelu", projection_dim=768,
+    ))
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2,
+        norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+    )
+    return StableDiffusionPipeline(
+        unet=unet, scheduler=_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
