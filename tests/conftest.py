@@ -72,6 +72,14 @@ def ir_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def eval_dirs(tmp_path_factory) -> dict[str, Path]:
+    """The benchmark's tiny evaluation models: CLIP (CLIP-I/T, CMMD) and Grounding DINO (crops)."""
+    root = tmp_path_factory.mktemp("bench-models")
+    return {"clip": tiny.metrics.clip_dir(root / "clip"),
+            "detector": tiny.metrics.grounding_dino_dir(root / "detector")}
+
+
+@pytest.fixture(scope="session")
 def dreambench(tmp_path_factory) -> Path:
     """A synthetic DreamBooth ``dataset/`` folder: dog (2 photos), cat (a scene), teapot, prompts_and_classes.txt."""
     return tiny.photos.write_dreambench(tmp_path_factory.mktemp("dreambench"))

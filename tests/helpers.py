@@ -21,6 +21,14 @@ from siso.run import RunResult
 PROMPT = "a photo of a dog"
 
 
+def bench_args(manifest: Path, out: Path, sd_dir: Path, dino_dir: Path, eval_dirs: dict[str, Path], *extra: str):
+    """`siso bench` on tiny models (see conftest's ``eval_dirs``): two iterations, one render step."""
+    return ["bench", str(manifest), "--out", str(out), "--model", str(sd_dir), "--dino-model", str(dino_dir),
+            "--clip-model", str(eval_dirs["clip"]), "--cmmd-model", str(eval_dirs["clip"]),
+            "--crop-model", str(eval_dirs["detector"]), "--fid-features", "dino", "--baseline", "plain",
+            "--max-steps", "2", "--render-steps", "1", "--resolution", str(RESOLUTION), "--device", "cpu", *extra]
+
+
 def tiny_config(model_dir, subject, dino_dir, **overrides) -> GenerateConfig:
     """A generation on the tiny models: CPU, 32 px, a few iterations at a learning rate they feel."""
     options = dict(subjects=(subject,), prompt=PROMPT, model=str(model_dir), dino_model=str(dino_dir),

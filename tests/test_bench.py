@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 from conftest import RESOLUTION
+from helpers import bench_args
 
 pytest.importorskip("torchmetrics")
 
-import tiny  # noqa: E402
 
 from siso.config import EditSettings, GenerateSettings  # noqa: E402
 from siso.errors import SisoError  # noqa: E402
@@ -35,26 +35,12 @@ SUBJECTS = {"dog": ("dog", ["a dog in the jungle", "a dog on the beach"]),
 
 
 @pytest.fixture(scope="module")
-def eval_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("bench-models")
-    return {"clip": tiny.metrics.clip_dir(root / "clip"),
-            "detector": tiny.metrics.grounding_dino_dir(root / "detector")}
-
-
-@pytest.fixture(scope="module")
 def manifest(tmp_path_factory, dreambench) -> Path:
     path = tmp_path_factory.mktemp("manifest") / "manifest.jsonl"
     lines = [{"id": name, "class": cls, "images": [str(dreambench / name / "00.jpg")], "prompts": prompts}
              for name, (cls, prompts) in SUBJECTS.items()]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
-
-
-def bench_args(manifest: Path, out: Path, sd_dir: Path, dino_dir: Path, eval_dirs: dict[str, Path], *extra: str):
-    return ["bench", str(manifest), "--out", str(out), "--model", str(sd_dir), "--dino-model", str(dino_dir),
-            "--clip-model", str(eval_dirs["clip"]), "--cmmd-model", str(eval_dirs["clip"]),
-            "--crop-model", str(eval_dirs["detector"]), "--fid-features", "dino", "--baseline", "plain",
-            "--max-steps", "2", "--render-steps", "1", "--resolution", str(RESOLUTION), "--device", "cpu", *extra]
 
 
 def per_image_metrics(out: Path) -> dict[tuple, float]:
@@ -228,6 +214,62 @@ def test_failed_items_are_retried_once_then_recorded(monkeypatch, tmp_path, subj
     calls.clear()
     report = run_bench(items, settings, tmp_path / "out")
     assert calls == ["broken", "broken"] and report.skipped == 2
+
+
+def test_a_lost_worker_is_not_the_items_failure_unless_it_keeps_happening(monkeypatch, tmp_path, subject_photo):
+    """The runner's policy: an item whose worker is lost runs again without using up its retry; one that
+    loses its worker every time (it is what kills them, say) is failed after MAX_WORKER_LOSSES, then retried."""
+    items = [BenchItem(id=name, class_name="dog", images=(subject_photo,), prompts=("a dog",))
+             for name in ("unlucky", "killer")]
+    calls: list[str] = []
+    notes: list[str] = []
+
+    class StandIn:
+        def __init__(self, executor, settings, out_dir, note):
+            self.queue, self.note = [], note
+
+        def start(self):
+            self.note("2 workers")
+            return [{"host": "here", "pid": "1", "device": "cpu"}]
+
+        def submit(self, item):
+            self.queue.append(item)
+
+        def pending(self):
+            return len(self.queue)
+
+        def next_outcome(self):
+            item = self.queue.pop(0)
+            calls.append(item.id)
+            if item.id == "killer" or calls.count("unlucky") <= 2:
+                return Outcome(item, None, "worker 1 was lost: its node died", lost_worker=True)
+            return Outcome(item, {"id": item.id, "subject": item.id, "class": "dog", "status": "done",
+                                  "seconds": 1.0, "peak_memory_bytes": 1, "memory": "process_peak_rss",
+                                  "metrics": {}, "images": [], "item": item.to_record()})
+
+        def close(self):
+            pass
+
+    class Watching(runner_module._Silent):
+        def note(self, message):
+            notes.append(message)
+
+        def item_requeued(self, item, error):
+            notes.append(f"again: {item.id}")
+
+    monkeypatch.setattr(runner_module, "make_executor", StandIn)
+    report = run_bench(items, BenchSettings(run=GenerateSettings(device="cpu")), tmp_path / "out", progress=Watching())
+    records = {r["id"]: r for r in read_results(tmp_path / "out")}
+    assert records["unlucky"]["status"] == "done" and records["unlucky"]["attempts"] == 1
+    assert records["unlucky"]["workers_lost"] == 2
+    losses = runner_module.MAX_WORKER_LOSSES
+    # killer: requeued until its losses reach the limit, then an ordinary failure with its one retry
+    assert calls.count("killer") == losses + 1 and report.failed == ["killer"]
+    assert records["killer"]["attempts"] == 2 and records["killer"]["workers_lost"] == losses + 1
+    assert notes[0] == "2 workers" and notes.count("again: unlucky") == 2
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "items done: 1, failed: 1" in summary
+    assert f"workers lost under an item (it ran again): {losses + 3}" in summary
 
 
 def test_dreambench_manifest_from_a_dreambooth_layout(dreambench, tmp_path):

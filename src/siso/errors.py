@@ -24,3 +24,11 @@ class NoResultError(SisoError):
     """A run that finished without anything usable (its first iteration was already NaN)."""
 
     exit_code = EXIT_NO_RESULT
+
+
+class ClusterLostError(SisoError):
+    """The Ray cluster's head is gone. Ray's core library in this process can no longer shut down
+    (it waits on the head, then crashes), so the CLI ends the process at once after the message;
+    every finished item is already on disk."""
+
+    end_process = True

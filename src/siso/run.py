@@ -19,6 +19,7 @@ from PIL import Image
 
 from .errors import NoResultError, SisoError
 from .images import tensor_to_pil
+from .locks import DirectoryLock
 from .loop import StepEvent
 from .models import ModelCache
 from .run_directory import RunWriter, check_run_dir, prepare_run_dir
@@ -43,9 +44,10 @@ class RunResult:
 class Run:
     """A prepared :class:`~siso.session.Session` writing the run directory ``out_dir``."""
 
-    def __init__(self, session: Session, out_dir: Path) -> None:
+    def __init__(self, session: Session, out_dir: Path, lock: DirectoryLock | None = None) -> None:
         self.session = session
         self.out_dir = out_dir
+        self.lock = lock  # this process is the directory's one writer until close()
         self.writer = RunWriter(out_dir, session.record(), save_lora=session.save_lora)
         self.failure: SisoError | None = None
 
@@ -116,21 +118,26 @@ class Run:
         )
 
     def close(self) -> None:
-        """Hand the backbone back to the model cache (clean)."""
+        """Hand the backbone back to the model cache (clean) and the run directory to whoever comes next."""
         self.session.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def start_run(task: Task, out: str | Path, overwrite: bool = False, cache: ModelCache | None = None) -> Run:
     """Check ``out``, prepare the session, then create the run directory (a failed start leaves none)."""
     check_run_dir(out, overwrite, task.config.input_sources())
     session = Session(task, cache)
+    lock = None
     try:
-        out_dir = prepare_run_dir(out, overwrite, task.config.input_sources())
+        out_dir, lock = prepare_run_dir(out, overwrite, task.config.input_sources())
         task.write_inputs(out_dir)
     except BaseException:
         session.close()
+        if lock is not None:
+            lock.release()
         raise
-    return Run(session, out_dir)
+    return Run(session, out_dir, lock)
 
 
 def run_to_end(run: Run) -> RunResult:

@@ -21,6 +21,7 @@ from typing import Any
 from .errors import SisoError
 from .files import atomic_path, make_private_dir_public, write_json, write_png
 from .images import tensor_to_pil
+from .locks import DirectoryLock, check_not_locked, lock_directory, only_the_lock
 from .loop import Optimization, StepEvent
 from .model_card import write_model_card
 
@@ -89,7 +90,9 @@ def check_run_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path 
     if out.exists() and not out.is_dir():
         raise SisoError(f"--out {out} is a file; pass a directory for the run's outputs.")
     check_writable(out)
-    if not out.exists() or not any(out.iterdir()):
+    if out.is_dir():
+        check_not_locked(out)  # another process writes it now: --overwrite or not, it is theirs
+    if not out.exists() or only_the_lock(out):
         return out
     if not overwrite:
         raise SisoError(f"--out {out} is not empty; choose a new directory, or pass --overwrite to replace an earlier "
@@ -104,8 +107,10 @@ def check_run_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path 
     return out
 
 
-def prepare_run_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
-    """Check, then create ``out`` with its ``steps/`` folder.
+def prepare_run_dir(out: str | Path, overwrite: bool,
+                    inputs: Iterable[str | Path | None] = ()) -> tuple[Path, DirectoryLock]:
+    """Check, then create ``out`` with its ``steps/`` folder, locked for this process (:mod:`siso.locks`)
+    until the returned lock is released.
 
     An earlier run that ``overwrite`` replaces goes whole: the old directory is renamed aside, a fresh
     one renamed into its place, and the old one deleted only then. ``out`` is never a mixture of two
@@ -113,16 +118,20 @@ def prepare_run_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Pat
     absent, and a crash there leaves the old run complete beside it (POSIX has no directory swap).
     """
     out = check_run_dir(out, overwrite, inputs)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not only_the_lock(out):
+        old_lock = lock_directory(out)  # nobody may start writing the old run while it is replaced
         fresh = make_private_dir_public(Path(tempfile.mkdtemp(prefix=f".{out.name}.siso-new-", dir=out.parent)))
         (fresh / "steps").mkdir()
+        lock = lock_directory(fresh)  # locked before it has the run's name
         old = out.parent / f".{out.name}.siso-old-{uuid.uuid4().hex[:8]}"
         os.rename(out, old)
         os.rename(fresh, out)
+        old_lock.release()
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        (out / "steps").mkdir(parents=True, exist_ok=True)
-    return out
+        lock.directory = out
+        return out, lock
+    (out / "steps").mkdir(parents=True, exist_ok=True)
+    return out, lock_directory(out)
 
 
 class RunWriter:

@@ -43,6 +43,9 @@ def main() -> None:
     except SisoError as err:
         # The message quotes user paths, which may contain [brackets]: never read it as markup.
         console.print(f"[red]Error:[/] {escape(str(err))}", highlight=False)
+        if getattr(err, "end_process", False):
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(err.exit_code)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         console.print("[yellow]Interrupted.[/]")

@@ -9,6 +9,7 @@ a knob of one task given with the other ``--task`` is refused. Heavy imports wai
 from __future__ import annotations
 
 import inspect
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -65,6 +66,9 @@ def _bench(
         metavar="A,B", help="Comma-separated ids/subjects to run (unset: all).")] = None,
     max_prompts: Annotated[int | None, typer.Option(
         metavar="INT", help="Render at most this many prompts per subject.")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        help="Start an earlier siso benchmark in --out afresh instead of resuming it (siso never replaces a "
+             "directory of your own files).")] = False,
     **values: Any,
 ) -> None:
     """Benchmark SISO on a manifest of subjects: optimise, render every prompt, score, summarise.
@@ -99,7 +103,7 @@ def _bench(
     if settings.notice:
         console.print(f"[yellow]{escape(settings.notice)}[/]")
     with _RichProgress(console) as progress:
-        report = run_bench(items, settings, out, executor=executor, progress=progress)
+        report = run_bench(items, settings, out, executor=executor, progress=progress, overwrite=overwrite)
     summary = report.summary
     console.print(f"[green]Done[/]: {len(report.done)} subjects run now, {report.skipped} finished earlier, "
                   f"{len(report.failed)} failed.")
@@ -118,7 +122,8 @@ def _bench(
 
 
 class _RichProgress:
-    """A rich progress bar with ETA over the benchmark's items; failures are printed as they happen."""
+    """A rich progress bar over the benchmark's items (done of total, failed, items per hour, ETA); failures,
+    retries and what happens to the workers are printed as they happen."""
 
     def __init__(self, console) -> None:
         from rich.progress import (
@@ -135,9 +140,13 @@ class _RichProgress:
         self.status = console.status("Checking the manifest and loading the models")
         self.progress = Progress(
             SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console,
         )
         self.task = None
+        self.failed = 0
+        self.done_now = 0  # by this run (a resumed run's earlier items do not count toward its speed)
+        self.since = time.monotonic()
 
     def __enter__(self):
         self.status.start()  # transient: gone when the bar appears, or when an error is printed
@@ -153,24 +162,47 @@ class _RichProgress:
 
         if finished:
             self.console.print(f"Resuming: {finished} of {total} subjects already finished.")
-        if len(workers) > 1:
-            self.console.print(f"{len(workers)} workers: " + ", ".join(
-                escape(f"{w['host']}:{w['device']}") for w in workers))
+        if len(workers) > 1 or any("node" in w for w in workers):
+            self.console.print(f"{len(workers)} worker(s): " + ", ".join(escape(where(w)) for w in workers))
         self.status.stop()
         self.progress.start()
-        self.task = self.progress.add_task("Benchmarking", total=total, completed=finished)
+        self.since = time.monotonic()
+        self.task = self.progress.add_task("Benchmarking", total=total, completed=finished, rate="")
 
     def item_done(self, record) -> None:
         from rich.markup import escape
 
+        self.done_now += 1
         if record["status"] != "done":
+            self.failed += 1
             self.console.print(f"[red]Failed[/] {escape(record['id'])}: {escape(str(record.get('error')))}")
-        self.progress.update(self.task, advance=1, description=escape(f"Benchmarking (last: {record['id']})"))
+        failed = f", {self.failed} failed" if self.failed else ""
+        per_hour = self.done_now / max(time.monotonic() - self.since, 1e-9) * 3600
+        self.progress.update(self.task, advance=1, rate=f"{per_hour:.0f} items/h",
+                             description=escape(f"Benchmarking (last: {record['id']}{failed})"))
 
     def item_retry(self, item, error: str) -> None:
         from rich.markup import escape
 
         self.console.print(f"[yellow]Retrying[/] {escape(item.id)} after: {escape(error)}")
+
+    def item_requeued(self, item, error: str) -> None:
+        from rich.markup import escape
+
+        self.console.print(f"[yellow]Running {escape(item.id)} again[/] on another worker (a lost worker is not the "
+                           f"item's failure): {escape(error)}")
+
+    def note(self, message: str) -> None:
+        from rich.markup import escape
+
+        self.console.print(escape(message))
+
+
+def where(worker: dict[str, str]) -> str:
+    """``node 1a2b3c4d on host (cuda:0)``, or ``host:cuda:0`` outside Ray."""
+    if "node" in worker:
+        return f"node {worker['node']} on {worker['host']} ({worker['device']})"
+    return f"{worker['host']}:{worker['device']}"
 
 
 bench = command(_bench, knob_parameters(BenchSettings, exclude=("run",)), knob_parameters(ExecutorSettings),

@@ -7,12 +7,15 @@ Both take items with ``submit`` and hand back one :class:`Outcome` at a time fro
 from __future__ import annotations
 
 import os
+import re
+import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import SisoError
+from ..errors import ClusterLostError, SisoError
 from ._deps import require
 from .manifest import BenchItem
 from .settings import BenchSettings, ExecutorSettings
@@ -22,16 +25,24 @@ from .worker import ItemWorker
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT", "TRANSFORMERS_VERBOSITY",
                   "DIFFUSERS_VERBOSITY", "SISO_DREAMBENCH")
 
+Note = Callable[[str], None]  # where an executor tells the person watching what happens to its workers
+
 
 @dataclass
 class Outcome:
     item: BenchItem
     record: dict[str, Any] | None  # the item's record when it succeeded
     error: str | None = None  # what went wrong when it did not
+    #: the worker process (or its whole node) went away under the item: not the item's own failure
+    lost_worker: bool = False
 
 
 def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
+
+
+def _ignore(_message: str) -> None:
+    pass
 
 
 class LocalExecutor:
@@ -39,7 +50,7 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, settings: BenchSettings, out_dir: Path) -> None:
+    def __init__(self, settings: BenchSettings, out_dir: Path, note: Note = _ignore) -> None:
         self.worker = ItemWorker(settings, out_dir)
         self.queue: deque[BenchItem] = deque()
 
@@ -65,33 +76,69 @@ class LocalExecutor:
         self.queue.clear()
 
 
-class RayExecutor:
-    """One :class:`ItemWorker` actor per GPU (``num_gpus=1``), or CPU actors (``num_cpus=1``) where
-    there is no GPU; each keeps its models loaded across the items it is given.
+@dataclass(eq=False)
+class _Actor:
+    """One worker actor and what the driver knows of it."""
 
-    Connects to ``address`` (an existing cluster: "auto" or "ray://host:10001"), else starts Ray
-    on this machine. Output and photos must be on a filesystem every node sees at the same path.
+    handle: Any
+    number: int  # 1, 2, ...: how the progress names it
+    ready: bool = False  # warmed up: its models load, it takes items
+    place: dict[str, str] = field(default_factory=dict)  # host, pid, device, node (from its warm-up)
+    item: BenchItem | None = None  # the item it is running
+
+    def __str__(self) -> str:
+        where = ", ".join(self.place[k] for k in ("node", "host", "device") if k in self.place)
+        return f"worker {self.number}" + (f" ({where})" if where else "")
+
+
+class RayExecutor:
+    """``workers`` :class:`ItemWorker` actors, one GPU each (``num_gpus=1``), or one CPU each where the
+    cluster has no GPU; each keeps its models loaded across the items it is given.
+
+    The driver hands an item to whichever worker is free, so a cluster that shrinks never stalls the
+    run: a worker lost with its node (or killed) gives its item back to the queue for the workers
+    that remain, and a replacement is asked of Ray at once; it starts when the cluster has room
+    again (a node joins). Ray's own actor restarts and task retries are not used on purpose: they
+    tie the retry to the same actor, which waits for room on the lost node's behalf while the other
+    workers could run the item.
+
+    Connects to ``address`` (an existing cluster: "auto", "HOST:6379" or "ray://HOST:10001"), else
+    starts Ray on this machine. Output and photos must be on a filesystem every node sees at the
+    same path.
     """
 
     name = "ray"
+    POLL_SECONDS = 5.0  # how often a wait with no news checks the worker timeout, and the head is asked
 
-    def __init__(self, settings: BenchSettings, out_dir: Path, address: str | None = None,
-                 workers: int | None = None) -> None:
+    def __init__(self, settings: BenchSettings, out_dir: Path, executor: ExecutorSettings | None = None,
+                 note: Note = _ignore) -> None:
+        executor = executor or ExecutorSettings(executor="ray")
         self.settings = settings
         self.out_dir = Path(out_dir).resolve()
-        self.address = address
-        self.workers = workers
+        self.address = executor.ray_address
+        self.workers = executor.workers
+        self.worker_timeout = float(executor.worker_timeout)
+        self.note = note
         self.queue: deque[BenchItem] = deque()
-        self.in_flight: dict[Any, tuple[BenchItem, Any]] = {}
-        self.idle: list[Any] = []
-        self.actors: list[Any] = []
+        self.actors: list[_Actor] = []
+        self.waiting: dict[Any, _Actor] = {}  # object ref -> the actor whose warm-up or item it is
         self.started_ray = False
+        self.wants_gpu = False
+        self.head_lost = False
+        self._numbers = 0
+        self._alone_since: float | None = None  # since when no worker has been ready
+        self._head_asked = 0.0
+        self._head_silent_since: float | None = None  # since when the head has not answered
+        self._restore_printer: Callable[[], None] = lambda: None
 
+    # -- the cluster ------------------------------------------------------------------------------
     def start(self) -> list[dict[str, str]]:
         ray = require("ray", "--executor ray")
         if not ray.is_initialized():
             env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
-            options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            # The raylets' and workers' own logs stay in the cluster's log files: the console is the bench's.
+            options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                       "logging_level": "warning"}
             if env:
                 options["runtime_env"] = {"env_vars": env}
             try:
@@ -100,75 +147,221 @@ class RayExecutor:
                 where = self.address or "a new local instance"
                 raise SisoError(f"Could not start or reach Ray ({where}): {err}") from err
             self.started_ray = True
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        use_gpu = gpus > 0 and self.settings.device != "cpu"
-        if use_gpu:
-            count = min(self.workers or gpus, gpus)
-            resources = {"num_gpus": 1, "num_cpus": 1}
-        else:
-            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-            count = min(self.workers or 1, cpus)
-            resources = {"num_gpus": 0, "num_cpus": 1}
-        self.actor_class = ray.remote(ItemWorker).options(**resources)
-        self.actors = [self._new_actor() for _ in range(count)]
-        try:
-            described = ray.get([actor.warm_up.remote() for actor in self.actors])
-        except ray.exceptions.RayError as err:
-            cause = getattr(err, "cause", None)
-            if isinstance(cause, SisoError):
-                raise SisoError(str(cause)) from err
-            raise SisoError(f"The Ray workers could not start: {describe(cause or err)}") from err
-        self.idle = list(self.actors)
-        return described
+        self._restore_printer = _quiet_cluster_errors(self.note)
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        self.wants_gpu = gpus > 0 and self.settings.device != "cpu"
+        count = self.workers or (gpus if self.wants_gpu else 1)
+        room = gpus if self.wants_gpu else int(resources.get("CPU", 0))
+        # SPREAD: one worker per node where it can, so losing a node loses as few workers as possible.
+        self.actor_class = ray.remote(ItemWorker).options(
+            num_gpus=1 if self.wants_gpu else 0, num_cpus=1, scheduling_strategy="SPREAD")
+        for _ in range(count):
+            self._spawn()
+        self._alone_since = time.monotonic()
+        while not any(actor.ready for actor in self.actors):  # a wrong model path fails here, before any item
+            self._wait_once(ray)
+        if count > room:
+            self.note(f"{count - room} of {count} workers wait for room on the cluster (it has {room} "
+                      f"{'GPU' if self.wants_gpu else 'CPU'}s); they start when it grows.")
+        return [actor.place for actor in self.actors if actor.ready]
 
-    def _new_actor(self):
-        return self.actor_class.remote(self.settings, str(self.out_dir))
+    def _spawn(self) -> None:
+        self._numbers += 1
+        actor = _Actor(self.actor_class.remote(self.settings, str(self.out_dir)), self._numbers)
+        self.actors.append(actor)
+        self.waiting[actor.handle.warm_up.remote()] = actor
 
+    def _lose(self, actor: _Actor, error: BaseException) -> None:
+        """Forget a dead worker and ask Ray for another, which starts wherever there is room."""
+        import ray
+
+        self.actors.remove(actor)
+        ray.kill(actor.handle, no_restart=True)
+        self.note(f"Lost {actor}: {_death(error)}. A replacement starts when the cluster has room.")
+        self._spawn()
+
+    # -- the items --------------------------------------------------------------------------------
     def submit(self, item: BenchItem) -> None:
         self.queue.append(item)
 
     def pending(self) -> int:
-        return len(self.queue) + len(self.in_flight)
+        return len(self.queue) + sum(1 for actor in self.actors if actor.item is not None)
 
     def _dispatch(self) -> None:
-        while self.queue and self.idle:
-            actor = self.idle.pop()
-            item = self.queue.popleft()
-            self.in_flight[actor.run.remote(item)] = (item, actor)
+        for actor in self.actors:
+            if not self.queue:
+                return
+            if actor.ready and actor.item is None:
+                actor.item = self.queue.popleft()
+                self.waiting[actor.handle.run.remote(actor.item)] = actor
 
     def next_outcome(self) -> Outcome:
         import ray
 
-        self._dispatch()
-        ready, _ = ray.wait(list(self.in_flight), num_returns=1)
-        item, actor = self.in_flight.pop(ready[0])
+        while True:
+            self._dispatch()
+            outcome = self._wait_once(ray)
+            if outcome is not None:
+                return outcome
+
+    def _wait_once(self, ray) -> Outcome | None:
+        """Wait for one warm-up or item to finish (at most the poll interval); the item's outcome if it was one."""
+        self._check_head()
+        done, _ = ray.wait(list(self.waiting), num_returns=1, timeout=self.POLL_SECONDS)
+        if not done:
+            self._check_timeout()
+            return None
+        actor = self.waiting.pop(done[0])
+        item = actor.item
         try:
-            record = ray.get(ready[0])
-        except ray.exceptions.RayActorError as err:  # the worker process died (e.g. killed for memory)
-            self.actors.remove(actor)
-            replacement = self._new_actor()
-            self.actors.append(replacement)
-            self.idle.append(replacement)
-            return Outcome(item, None, f"the Ray worker died: {describe(err)}")
+            value = ray.get(done[0])
+        except ray.exceptions.RayActorError as err:  # its process, or its whole node, is gone
+            if err.actor_init_failed:  # ItemWorker() itself raised: every replacement would too
+                raise SisoError(f"The Ray workers could not start: {err}") from err
+            self._lose(actor, err)
+            return Outcome(item, None, f"{actor} was lost: {_death(err)}", lost_worker=True) if item else None
         except ray.exceptions.RayTaskError as err:
-            self.idle.append(actor)
             cause = getattr(err, "cause", None)
+            if item is None:  # its warm-up: the models do not load, which no other worker would do better
+                if isinstance(cause, SisoError):
+                    raise SisoError(str(cause)) from err
+                raise SisoError(f"The Ray workers could not start: {describe(cause or err)}") from err
+            actor.item = None
             return Outcome(item, None, describe(cause) if cause is not None else describe(err))
-        self.idle.append(actor)
-        return Outcome(item, record)
+        actor.item = None
+        if item is None:  # a warm-up: the worker takes items from now on
+            first = not any(other.ready for other in self.actors)
+            actor.ready, actor.place = True, value
+            self._alone_since = None
+            if not first or self._numbers > len(self.actors):
+                self.note(f"{actor} started.")
+            return None
+        return Outcome(item, value)
+
+    def _check_timeout(self) -> None:
+        if any(actor.ready for actor in self.actors):
+            self._alone_since = None
+            return
+        if self._alone_since is None:
+            self._alone_since = time.monotonic()
+            self.note("No worker is running: waiting for the cluster to have room for one (a node with a free "
+                      f"{'GPU' if self.wants_gpu else 'CPU'}).")
+        if time.monotonic() - self._alone_since > self.worker_timeout:
+            raise SisoError(
+                f"No Ray worker has been running for {self.worker_timeout:.0f} s: the cluster has no node with room "
+                "for one (nodes lost, or all busy). Finished items are kept; rerun the same command to resume once "
+                "the cluster has room (--worker-timeout sets the wait)."
+            )
+
+    def _check_head(self) -> None:
+        """Ask the head (its GCS) whether it is there, every poll interval.
+
+        Without GCS fault tolerance (an external Redis), a cluster does not survive its head: Ray
+        ends every driver once the head has not answered for its reconnect timeout (60 s). Halfway
+        there siso stops by itself and says what to do; with fault tolerance, the head is back
+        within that time and the run goes on.
+        """
+        now = time.monotonic()
+        if now - self._head_asked < self.POLL_SECONDS:
+            return
+        self._head_asked = now
+        try:
+            from ray._private.worker import global_worker
+
+            global_worker.gcs_client.internal_kv_exists(b"siso", b"siso", timeout=3)
+        except (AttributeError, ImportError):  # a Ray without this client: Ray's own handling applies
+            return
+        except Exception:  # noqa: BLE001 - whatever the RPC layer raises, the head did not answer
+            if self._head_silent_since is None:
+                self._head_silent_since = now
+                self.note("The Ray head node does not answer; waiting for it (a head with GCS fault tolerance "
+                          "comes back by itself).")
+            if time.monotonic() - self._head_silent_since > head_timeout():
+                self.head_lost = True
+                raise ClusterLostError(
+                    "The Ray head node stopped answering, and a Ray cluster does not outlive its head unless it "
+                    "runs with GCS fault tolerance (an external Redis). Finished items are kept: restart the "
+                    "cluster, then rerun the same command (with the new --ray-address) to resume."
+                ) from None
+            return
+        if self._head_silent_since is not None:
+            self.note("The Ray head node answers again.")
+        self._head_silent_since = None
 
     def close(self) -> None:
         import ray
 
+        self._restore_printer()
+        if self.head_lost:  # nothing to ask of a cluster without a head; the workers go with this driver
+            self.actors, self.waiting = [], {}
+            return
         for actor in self.actors:
-            ray.kill(actor)
-        self.actors, self.idle, self.in_flight = [], [], {}
+            ray.kill(actor.handle, no_restart=True)
+        self.actors, self.waiting = [], {}
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False
 
 
-def make_executor(executor: ExecutorSettings, settings: BenchSettings, out_dir: Path):
+def head_timeout() -> float:
+    """Seconds siso waits for a silent head: half of Ray's own wait before it ends the driver
+    (``RAY_gcs_rpc_server_reconnect_timeout_s``, 60 s unless the cluster's operator set it)."""
+    try:
+        return float(os.environ.get("RAY_gcs_rpc_server_reconnect_timeout_s", 60)) / 2  # noqa: SIM112 - Ray spells it so
+    except ValueError:
+        return 30.0
+
+
+def _death(error: BaseException) -> str:
+    """Why a worker died, in a few words: Ray's message says whether its node died or only its process."""
+    import ray
+
+    if isinstance(error, ray.exceptions.ActorUnavailableError):  # the connection went first: node or process
+        return "it stopped answering (its node or its process is gone)"
+    text = str(error).lower()
+    if "node has died" in text or "node died" in text:
+        return "its node died"
+    if "out of memory" in text or "oom" in text:
+        return "its process was killed for memory"
+    if "worker process has died" in text or "worker died" in text:
+        return "its process died"
+    return type(error).__name__
+
+
+def _quiet_cluster_errors(note: Note) -> Callable[[], None]:
+    """Hand the errors a Ray cluster pushes to its drivers to ``note``, first line only.
+
+    Ray's driver prints each of them whole from a background thread, whatever ``log_to_driver``
+    says: a lost node is twenty lines of its raylet's ``[state-dump]`` in the middle of the progress.
+    Their first line says what happened; the rest stays in the cluster's logs. The printer is Ray's
+    private ``print_to_stdstream``, looked up at each call: where a Ray version lacks it, Ray's own
+    printing is left as it is. Returns what puts Ray's printer back.
+    """
+    from ray._private import worker as ray_worker
+
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if not callable(original):
+        return lambda: None
+
+    said: set[str] = set()
+
+    def first_line(data: dict, *_args: object, **_kwargs: object) -> None:  # and Ray's ignore_prefix=
+        for text in data.get("lines", [])[:1]:
+            line = re.sub(r"\s*Last \d+ lines of the \w+ logs:\s*$", "", (text or "").splitlines()[0] if text else "")
+            if line and line not in said:  # every driver hears of a lost raylet more than once
+                said.add(line)
+                note(f"Ray ({data.get('pid', 'cluster')}): {line}")
+
+    ray_worker.print_to_stdstream = first_line
+
+    def restore() -> None:
+        ray_worker.print_to_stdstream = original
+
+    return restore
+
+
+def make_executor(executor: ExecutorSettings, settings: BenchSettings, out_dir: Path, note: Note = _ignore):
     if executor.executor == "ray":
-        return RayExecutor(settings, out_dir, executor.ray_address, executor.workers)
-    return LocalExecutor(settings, out_dir)
+        return RayExecutor(settings, out_dir, executor, note)
+    return LocalExecutor(settings, out_dir, note)

@@ -13,12 +13,14 @@ An item is finished when its result.json says "done": the driver writes it atomi
 worker returns, then appends the same record to results.jsonl. A rerun skips finished items and
 redoes everything else from scratch (the worker clears the item's folder first), so killing a
 run at any moment loses at most the items in progress. A failed item is retried once, then
-recorded as failed; a rerun tries it again.
+recorded as failed; a rerun tries it again. An item whose worker is lost under it (a node gone, a
+process killed) runs again elsewhere without using up that retry.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +30,8 @@ from typing import Any, Protocol
 from ..errors import SisoError
 from ..files import write_json
 from ..knobs import knobs
-from ..run_directory import library_versions
+from ..locks import LOCK_FILE, DirectoryLock, check_not_locked, lock_directory, only_the_lock
+from ..run_directory import check_writable, library_versions
 from .executors import make_executor
 from .manifest import BenchItem, write_manifest
 from .results import RESULT_FILE, RESULTS_FILE, SETTINGS_FILE, append_result, read_results
@@ -36,6 +39,10 @@ from .settings import BenchSettings, ExecutorSettings
 from .worker import check_task
 
 MAX_ATTEMPTS = 2  # a failed item is retried once
+# A lost worker (its node gone, its process killed) is not the item's failure: the item runs again
+# without using up its retry. An item whose worker dies this many times is likely what kills it (out
+# of memory), and from then on counts as failing.
+MAX_WORKER_LOSSES = 3
 
 
 class BenchProgress(Protocol):
@@ -44,6 +51,10 @@ class BenchProgress(Protocol):
     def item_done(self, record: dict[str, Any]) -> None: ...
 
     def item_retry(self, item: BenchItem, error: str) -> None: ...
+
+    def item_requeued(self, item: BenchItem, error: str) -> None: ...
+
+    def note(self, message: str) -> None: ...
 
 
 class _Silent:
@@ -54,6 +65,12 @@ class _Silent:
         pass
 
     def item_retry(self, item, error):
+        pass
+
+    def item_requeued(self, item, error):
+        pass
+
+    def note(self, message):
         pass
 
 
@@ -164,11 +181,11 @@ def _check_items(items: Sequence[BenchItem], task: str) -> None:
 
 
 def run_bench(items: Sequence[BenchItem], settings: BenchSettings, out: str | Path, *,
-              executor: ExecutorSettings | None = None, progress: BenchProgress | None = None) -> BenchReport:
+              executor: ExecutorSettings | None = None, progress: BenchProgress | None = None,
+              overwrite: bool = False) -> BenchReport:
     """Run (or resume) the benchmark of ``items`` into ``out`` (on ``executor``: local by default) and
-    write its summary."""
+    write its summary; ``overwrite`` starts an earlier siso benchmark there afresh."""
     from ._deps import require
-    from .summary import write_summary
 
     progress = progress or _Silent()
     require("torchmetrics", "siso bench")
@@ -177,9 +194,49 @@ def run_bench(items: Sequence[BenchItem], settings: BenchSettings, out: str | Pa
     if settings.has_reference_set and settings.fid_features == "inception":
         require("torch_fidelity", "FID/KID with --fid-features inception (Inception-v3)")
     out_dir = Path(out)
+    lock = prepare_bench_dir(out_dir, overwrite)
+    try:
+        return _run_locked(items, settings, out_dir, executor, progress)
+    finally:
+        lock.release()
+
+
+def is_siso_bench(directory: Path) -> bool:
+    """Whether ``directory`` holds a siso benchmark: a bench.json that siso wrote (it has the settings)."""
+    try:
+        record = json.loads((directory / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("settings"), dict)
+
+
+def prepare_bench_dir(out_dir: Path, overwrite: bool) -> DirectoryLock:
+    """The benchmark directory, locked for this process: new, empty, or a siso benchmark (resumed, or with
+    ``overwrite`` started afresh); never a directory of the user's own files, nor one another process writes."""
     if out_dir.exists() and not out_dir.is_dir():
         raise SisoError(f"--out {out_dir} is a file; pass a directory for the benchmark.")
+    check_writable(out_dir)
+    if out_dir.is_dir():
+        check_not_locked(out_dir)
+        if not only_the_lock(out_dir) and not is_siso_bench(out_dir):
+            raise SisoError(f"--out {out_dir} is not empty and is not a siso benchmark (it has no siso "
+                            f"{SETTINGS_FILE}); siso bench writes and resumes only its own directories. Choose a new "
+                            "directory.")
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_directory(out_dir)
+    if overwrite and not only_the_lock(out_dir):
+        # The old benchmark's files, not the lock this process holds; bench.json last, so a run killed
+        # half-way leaves a directory that is still a siso benchmark (and --overwrite finishes the job).
+        for entry in sorted(out_dir.iterdir(), key=lambda e: e.name == SETTINGS_FILE):
+            if entry.name != LOCK_FILE:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    return lock
+
+
+def _run_locked(items: Sequence[BenchItem], settings: BenchSettings, out_dir: Path,
+                executor: ExecutorSettings | None, progress: BenchProgress) -> BenchReport:
+    from .summary import write_summary
+
     _check_settings(out_dir, settings)
     _reconcile(out_dir)
     finished = _finished(out_dir, items)
@@ -187,17 +244,23 @@ def run_bench(items: Sequence[BenchItem], settings: BenchSettings, out: str | Pa
     todo = [item for item in items if item.id not in finished]
     report = BenchReport(out_dir=out_dir, total=len(items), skipped=len(finished))
     if todo:
-        runner = make_executor(executor or ExecutorSettings(), settings, out_dir)
+        runner = make_executor(executor or ExecutorSettings(), settings, out_dir, progress.note)
         try:
             described = runner.start()
             progress.started(len(items), len(finished), described)
-            attempts = {item.id: 0 for item in todo}
+            attempts = {item.id: 1 for item in todo}
+            losses = {item.id: 0 for item in todo}
             for item in todo:
-                attempts[item.id] += 1
                 runner.submit(item)
             while runner.pending():
                 outcome = runner.next_outcome()
                 item = outcome.item
+                if outcome.lost_worker:
+                    losses[item.id] += 1
+                    if losses[item.id] < MAX_WORKER_LOSSES:
+                        progress.item_requeued(item, outcome.error or "the worker was lost")
+                        runner.submit(item)
+                        continue
                 if outcome.record is None and attempts[item.id] < MAX_ATTEMPTS:
                     progress.item_retry(item, outcome.error or "unknown error")
                     attempts[item.id] += 1
@@ -208,6 +271,8 @@ def run_bench(items: Sequence[BenchItem], settings: BenchSettings, out: str | Pa
                     "error": outcome.error, "item": item.to_record(),
                 }
                 record["attempts"] = attempts[item.id]
+                record["workers_lost"] = losses[item.id]
+                record["finished_at"] = round(time.time(), 3)  # for items per hour across a run's workers
                 write_json(record, out_dir / "items" / item.id / RESULT_FILE)
                 append_result(out_dir, record)
                 (report.done if record["status"] == "done" else report.failed).append(item.id)

@@ -116,7 +116,12 @@ class ExecutorSettings:
     executor: str = knob("local", choices=EXECUTORS, help="local (this process) or ray (one worker per GPU).")
     ray_address: str | None = knob(None, help="Existing Ray cluster to join (e.g. auto or ray://head:10001); "
                                               "unset: start Ray here.")
-    workers: int | None = knob(None, help="Ray workers (unset: one per GPU in the cluster; 1 without GPUs).")
+    workers: int | None = knob(None, help=(
+        "Ray workers (unset: one per GPU in the cluster; 1 without GPUs). Workers the cluster has no room for yet "
+        "start when it grows."))
+    worker_timeout: float = knob(600.0, help=(
+        "Ray: seconds to wait while no worker is running (every node lost, or none with room) before stopping; "
+        "rerun the same command to resume."))
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -126,3 +131,5 @@ class ExecutorSettings:
                             "at a time in this process.")
         if self.workers is not None and self.workers < 1:
             raise SisoError(f"--workers must be >= 1, got {self.workers}.")
+        if not isinstance(self.worker_timeout, int | float) or self.worker_timeout <= 0:
+            raise SisoError(f"--worker-timeout must be a number of seconds > 0, got {self.worker_timeout!r}.")

@@ -144,6 +144,7 @@ def summarise(out_dir: str | Path) -> dict[str, Any]:
         }
     set_metrics, set_note = _set_metrics(out_dir, done, methods, settings) if done else ({}, None)
     seconds = [s["seconds"] for s in subjects.values()]
+    run = _throughput(latest, done, settings)
     memory_kinds = sorted({r.get("memory", "unavailable") for r in done})
     return {
         "settings": settings, "methods": methods, "metrics": metrics, "overall": overall, "set_metrics": set_metrics,
@@ -151,6 +152,28 @@ def summarise(out_dir: str | Path) -> dict[str, Any]:
         "cost": {"seconds_per_subject": _stats(seconds), "total_seconds": sum(seconds),
                  "peak_memory_bytes": max((s["peak_memory_bytes"] for s in subjects.values()), default=0),
                  "memory": memory_kinds},
+        "run": run,
+    }
+
+
+def _throughput(latest: dict[str, dict], done: Sequence[dict], settings: dict[str, Any]) -> dict[str, Any]:
+    """Items done and failed, items per hour over the wall time the finished items span (a pause
+    between a killed run and its resume included), and what each worker did."""
+    timed = [r for r in done if isinstance(r.get("finished_at"), int | float)]
+    wall = (max(r["finished_at"] for r in timed) - min(r["finished_at"] - r["seconds"] for r in timed)) if timed \
+        else None
+    workers: dict[str, dict[str, Any]] = {}
+    for record in done:
+        place = record.get("worker") or {}
+        key = "/".join(str(place.get(k, "?")) for k in ("node", "host", "pid", "device") if k in place) or "?"
+        entry = workers.setdefault(key, {**{k: str(v) for k, v in place.items()}, "items": 0, "seconds": 0.0})
+        entry["items"] += 1
+        entry["seconds"] += float(record.get("seconds", 0.0))
+    return {
+        "done": len(done), "failed": len(latest) - len(done),
+        "workers_lost": sum(int(r.get("workers_lost") or 0) for r in latest.values()),
+        "wall_seconds": wall, "items_per_hour": len(timed) / wall * 3600 if wall else None,
+        "workers": list(workers.values()),
     }
 
 
@@ -239,7 +262,19 @@ def _markdown(summary: dict[str, Any]) -> str:
               f"- seconds per subject (optimise, render, evaluate): {_pm(cost['seconds_per_subject'], 1)}; "
               f"total {cost['total_seconds']:.1f} s",
               f"- peak memory: {cost['peak_memory_bytes'] / GIB:.2f} GiB ({kinds})", ""]
-    lines += ["## Per subject", ""]
+    run = summary["run"]
+    per_hour = f"{run['items_per_hour']:.1f} items per hour over {run['wall_seconds']:.0f} s of wall time" \
+        if run["items_per_hour"] else "–"
+    lines += ["## Run", "",
+              f"- items done: {run['done']}, failed: {run['failed']}; workers lost under an item (it ran again): "
+              f"{run['workers_lost']}",
+              f"- throughput: {per_hour}", "",
+              "| worker | host | device | items | seconds per item |", "|---|---|---|---|---|"]
+    for number, worker in enumerate(run["workers"], 1):
+        name = f"node {worker['node']}" if "node" in worker else f"process {worker.get('pid', '?')}"
+        lines.append(f"| {number}: {name} | {worker.get('host', '?')} | {worker.get('device', '?')} | "
+                     f"{worker['items']} | {worker['seconds'] / worker['items']:.1f} |")
+    lines += ["", "## Per subject", ""]
     columns = ["subject", "method", "images", *[_label(n) for n in metrics], "seconds", "peak memory (GiB)"]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for subject, info in summary["subjects"].items():

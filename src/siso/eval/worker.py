@@ -74,6 +74,17 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return int(peak if platform.system() == "Darwin" else peak * 1024), "process_peak_rss"
 
 
+def ray_node_id() -> str | None:
+    """The Ray node this process runs on (its id's first 8 hex digits, as `ray status` shows), or None
+    outside Ray: a catalogue run's records say which node made each item."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()[:8]
+
+
 class ItemWorker:
     def __init__(self, settings: BenchSettings, out_dir: str | Path) -> None:
         self.settings = settings
@@ -89,7 +100,13 @@ class ItemWorker:
         self.metrics()
         if self.settings.has_reference_set:
             self.set_feature_models()
-        return {"host": socket.gethostname(), "pid": str(os.getpid()), "device": str(self.device)}
+        return self.where()
+
+    def where(self) -> dict[str, str]:
+        """Host, process, device and (on Ray) node of this worker."""
+        place = {"host": socket.gethostname(), "pid": str(os.getpid()), "device": str(self.device)}
+        node = ray_node_id()
+        return {**place, "node": node} if node else place
 
     def _model(self, key: str, load: Callable[[], Any]) -> Any:
         if key not in self._models:
@@ -195,7 +212,7 @@ class ItemWorker:
             "seconds": round(finished - started, 3),
             "timings": {"make_seconds": round(made - started, 3), "evaluate_seconds": round(finished - made, 3)},
             "peak_memory_bytes": memory, "memory": memory_kind,
-            "worker": {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device)},
+            "worker": self.where(),
             **outputs.info,
             "metrics": means,
             "images": images,

@@ -1,0 +1,236 @@
+"""`siso bench --executor ray` on a real multi-node Ray cluster on this machine, as an operator runs it.
+
+Ray's own multi-node fixture (``ray.cluster_utils.Cluster``) starts a head with no CPUs for work and
+worker nodes of one CPU each, every node its own raylet and object store. The bench is a separate
+driver process that joins with ``--ray-address``, as a user's would; nodes are removed (their raylet
+and workers killed) or added while it runs, and the driver itself is SIGKILLed and run again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torchmetrics")
+cluster_utils = pytest.importorskip("ray.cluster_utils")
+
+from helpers import bench_args  # noqa: E402
+
+from siso.eval.results import read_results  # noqa: E402
+
+ITEMS = ("dog", "cat", "teapot", "dog-again")  # four subjects, two prompts each
+DEADLINE = 150  # seconds a bench on four tiny items may take here, whatever happens to the cluster
+
+
+def new_cluster():
+    """A head with no CPUs (it schedules, it runs no item) that notices a lost node within about a second
+    (Ray's default health check takes ~30 s)."""
+    quick = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 300, "health_check_timeout_ms": 300,
+             "health_check_failure_threshold": 3}
+    return cluster_utils.Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "_system_config": quick})
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One head for the module; each test adds and removes its worker nodes."""
+    head = new_cluster()
+    yield head
+    head.shutdown()
+
+
+@pytest.fixture
+def workers(cluster):
+    """``add()`` a 1-CPU worker node (returns it); every node a test added is removed after it."""
+    added = []
+
+    class Nodes:
+        def add(self):
+            node = cluster.add_node(num_cpus=1)
+            added.append(node)
+            return node
+
+        def remove(self, node):
+            cluster.remove_node(node, allow_graceful=False)  # its raylet and workers killed, as a lost machine
+            added.remove(node)
+
+    yield Nodes()
+    for node in list(added):
+        cluster.remove_node(node, allow_graceful=False)
+    # The next test starts on a cluster that knows these nodes are gone.
+    deadline = time.time() + 30
+    head = cluster.head_node.node_id
+    while any(entry["Alive"] for entry in cluster.global_state.node_table() if entry["NodeID"] != head):
+        assert time.time() < deadline, "the head never noticed the removed nodes"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory, dreambench) -> Path:
+    photos = {"dog": "dog", "cat": "cat", "teapot": "teapot", "dog-again": "dog"}
+    lines = [{"id": item, "class": photos[item], "images": [str(dreambench / photos[item] / "00.jpg")],
+              "prompts": [f"a {photos[item]} on the beach", f"a red {photos[item]}"]} for item in ITEMS]
+    path = tmp_path_factory.mktemp("cluster-manifest") / "manifest.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+class Driver:
+    """`siso bench ... --executor ray --ray-address ADDRESS` in its own process, its output in a log file."""
+
+    def __init__(self, cluster, manifest, out: Path, sd_dir, dino_dir, eval_dirs, *extra: str) -> None:
+        self.out = out
+        self.command = [sys.executable, "-m", "siso.cli", *bench_args(
+            manifest, out, sd_dir, dino_dir, eval_dirs, "--max-steps", "3", "--executor", "ray",
+            "--ray-address", cluster.address, *extra)]
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+        self.runs = 0
+
+    def start(self) -> None:
+        self.runs += 1
+        self.log = self.out.parent / f"{self.out.name}-{self.runs}.log"
+        self.handle = self.log.open("w")
+        self.process = subprocess.Popen(self.command, env=self.env, stdout=self.handle, stderr=subprocess.STDOUT)
+        self.started = time.time()
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_for_results(self, count: int) -> list[dict]:
+        while len(records := read_results(self.out)) < count:
+            assert self.process.poll() is None, self.output()
+            assert time.time() - self.started < DEADLINE, f"fewer than {count} items in {DEADLINE} s\n{self.output()}"
+            time.sleep(0.05)
+        return records
+
+    def wait_for_output(self, text: str) -> None:
+        while text not in self.output():
+            assert self.process.poll() is None, self.output()
+            assert time.time() - self.started < DEADLINE, f"no {text!r} in {DEADLINE} s\n{self.output()}"
+            time.sleep(0.05)
+
+    def finish(self) -> int:
+        try:
+            code = self.process.wait(timeout=max(1.0, DEADLINE - (time.time() - self.started)))
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            pytest.fail(f"the bench hung\n{self.output()}")
+        finally:
+            self.handle.close()
+        return code
+
+
+@pytest.fixture
+def driver(cluster, manifest, tmp_path, sd_dir, dino_dir, eval_dirs):
+    made = []
+
+    def make(*extra: str) -> Driver:
+        made.append(Driver(cluster, manifest, tmp_path / "bench", sd_dir, dino_dir, eval_dirs, *extra))
+        return made[-1]
+
+    yield make
+    for each in made:
+        if each.runs and each.process.poll() is None:
+            each.process.kill()
+
+
+def node_of(node) -> str:
+    return node.node_id[:8]  # as records and the progress name it
+
+
+def assert_each_item_done_once(out: Path) -> list[dict]:
+    records = read_results(out)
+    assert sorted(r["id"] for r in records) == sorted(ITEMS), [r["id"] for r in records]
+    assert all(r["status"] == "done" for r in records), [(r["id"], r.get("error")) for r in records]
+    assert all(r["attempts"] == 1 for r in records)  # nobody's retry was used up by the cluster
+    return records
+
+
+def test_a_lost_node_costs_its_item_nothing_and_the_run_finishes_on_the_rest(workers, driver):
+    survivor, doomed = workers.add(), workers.add()
+    bench = driver("--workers", "2")
+    bench.start()
+    bench.wait_for_results(1)
+    workers.remove(doomed)  # mid-run: its worker's item (if it had one) goes back to the queue
+    removed_at = time.time() + 1.0  # (an item the doomed node returned just before is committed within this)
+    assert bench.finish() == 0, bench.output()
+    records = assert_each_item_done_once(bench.out)
+    text = " ".join(bench.output().split())
+    assert any(f"Lost worker {n} ({node_of(doomed)}" in text for n in (1, 2)), text
+    assert "[state-dump]" not in text  # the lost raylet's own log stays in the cluster's log files
+    # What finished after the loss ran on the node that is left, while the lost worker's replacement waited.
+    later = [r for r in records if r["finished_at"] > removed_at]
+    assert later and {r["worker"]["node"] for r in later} == {node_of(survivor)}
+    assert sum(r["workers_lost"] for r in records) <= 1
+    summary = (bench.out / "summary.md").read_text()
+    assert "## Run" in summary and "items done: 4, failed: 0" in summary and "items per hour" in summary
+
+
+def test_a_node_that_joins_mid_run_gets_work(workers, driver):
+    first = workers.add()
+    # One worker fits now; the second waits for room. Longer items, so the run outlasts the new node's start.
+    bench = driver("--workers", "2", "--max-steps", "80", "--early-stop-patience", "80")
+    bench.start()
+    bench.wait_for_output("1 worker(s): node")  # the run is going, on the one node there is
+    joined = workers.add()
+    assert bench.finish() == 0, bench.output()
+    records = assert_each_item_done_once(bench.out)
+    text = " ".join(bench.output().split())
+    assert "1 of 2 workers wait for room on the cluster (it has 1 CPUs)" in text
+    assert f"worker 2 ({node_of(joined)}" in text and "started" in text
+    assert node_of(joined) in {r["worker"]["node"] for r in records}, [r["worker"] for r in records]
+    assert node_of(first) in {r["worker"]["node"] for r in records}
+
+
+def test_a_killed_driver_resumes_without_redoing_or_losing_items(workers, driver):
+    workers.add(), workers.add()
+    bench = driver("--workers", "2")
+    bench.start()
+    at_kill = bench.wait_for_results(1)
+    bench.process.send_signal(signal.SIGKILL)
+    bench.finish()
+    committed = {path.parent.name: path.read_bytes() for path in (bench.out / "items").glob("*/result.json")}
+    bench.start()  # the same command again
+    assert bench.finish() == 0, bench.output()
+    records = assert_each_item_done_once(bench.out)  # none lost, none twice
+    assert f"Resuming: {len(committed)} of 4" in bench.output()
+    for item, record in committed.items():  # finished before the kill: kept byte for byte, not redone
+        assert (bench.out / "items" / item / "result.json").read_bytes() == record
+    assert {r["id"] for r in at_kill} <= set(committed)
+    assert len(records) == 4
+
+
+def test_a_lost_head_stops_the_driver_saying_what_to_do_and_keeps_the_finished_items(
+        manifest, tmp_path, sd_dir, dino_dir, eval_dirs):
+    """Without GCS fault tolerance (an external Redis) no Ray cluster outlives its head, and Ray ends its
+    drivers a minute later; siso stops first, with what to do, and what finished stays finished."""
+    own = new_cluster()  # this test takes the head down: not the module's cluster
+    try:
+        own.add_node(num_cpus=1)
+        bench = Driver(own, manifest, tmp_path / "bench", sd_dir, dino_dir, eval_dirs, "--max-steps", "150",
+                       "--early-stop-patience", "150")
+        # Ray ends a driver whose head is silent for this long; siso stops at half of it (here 15 s, not 30).
+        bench.env["RAY_gcs_rpc_server_reconnect_timeout_s"] = "30"
+        bench.start()
+        bench.wait_for_results(1)
+        own.remove_node(own.head_node, allow_graceful=False)
+        lost_at = time.time()
+        code = bench.finish()
+    finally:
+        own.shutdown()
+    text = " ".join(bench.output().split())
+    assert code == 2, text
+    assert time.time() - lost_at < 30  # siso's own stop, before Ray's end of the driver
+    assert "The Ray head node does not answer" in text and "The Ray head node stopped answering" in text
+    assert "rerun the same command" in text and "Traceback" not in text
+    records = read_results(bench.out)
+    assert records and all(r["status"] == "done" for r in records)
+    for record in records:  # each committed item is whole: a rerun skips it
+        assert json.loads((bench.out / "items" / record["id"] / "result.json").read_text()) == record
