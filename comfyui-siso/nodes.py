@@ -181,6 +181,16 @@ def follow(run, total: int) -> bool:
     return False
 
 
+def run_through(run, max_steps: int):
+    """Follow ``run`` to its end (or ComfyUI's Cancel), finish it and hand its models back:
+    (cancelled, result)."""
+    try:
+        cancelled = follow(run, max_steps)
+        return cancelled, run.finish()
+    finally:
+        run.close()
+
+
 def install_lora(result, lora_name: str) -> str:
     """Copy the run's LoRA file that ComfyUI loads into ComfyUI's loras folder, atomically; its name there,
     or "" where siso writes no file ComfyUI loads for the family."""
@@ -275,12 +285,7 @@ class SISOPersonalize:
                 with inputs_named(names):
                     config = GenerateConfig(subjects=photos, prompt=prompt, model=resolve_model(model),
                                             device=comfy_device(), **knob_values(GenerateConfig, values))
-                    run = start_generation(config, out, cache=CACHE)
-                    try:
-                        cancelled = follow(run, config.max_steps)
-                        result = run.finish()
-                    finally:
-                        run.close()
+                    cancelled, result = run_through(start_generation(config, out, cache=CACHE), config.max_steps)
             finally:
                 shutil.rmtree(out.parent / f".inputs-{out.name}", ignore_errors=True)
             installed = install_lora(result, name)
@@ -350,12 +355,7 @@ class SISOEdit:
                                         subject_class=subject_class or None, input_class=input_class or None,
                                         model=resolve_model(model), device=comfy_device(),
                                         **knob_values(EditConfig, values))
-                    run = start_edit(config, out, cache=CACHE)
-                    try:
-                        cancelled = follow(run, config.max_steps)
-                        result = run.finish()
-                    finally:
-                        run.close()
+                    cancelled, result = run_through(start_edit(config, out, cache=CACHE), config.max_steps)
             finally:
                 shutil.rmtree(inputs, ignore_errors=True)
             installed = install_lora(result, name)

@@ -182,3 +182,35 @@ def assert_only_the_last_steps_carry_gradients(backbone, steps: int, grad_steps:
     assert torch.equal(image.detach(), reference)
     image.mean().backward()
     return params
+
+
+class StandInExecutor:
+    """A benchmark executor for tests of the runner's policy: items in submission order, each one's outcome
+    from :meth:`outcome` (by default: done at once). Subclass it and override ``outcome``."""
+
+    def __init__(self, executor=None, settings=None, out_dir=None, note=None) -> None:
+        self.queue: list = []
+        self.note = note or (lambda _message: None)
+
+    def start(self) -> list[dict[str, str]]:
+        return [{"host": "here", "pid": "1", "device": "cpu"}]
+
+    def submit(self, item) -> None:
+        self.queue.append(item)
+
+    def pending(self) -> int:
+        return len(self.queue)
+
+    def next_outcome(self):
+        return self.outcome(self.queue.pop(0))
+
+    def outcome(self, item):
+        from siso.eval.executors import Outcome
+
+        return Outcome(item, {"id": item.id, "subject": item.id, "class": "dog", "status": "done", "seconds": 1.0,
+                              "peak_memory_bytes": 1, "memory": "process_peak_rss", "metrics": {}, "images": [],
+                              "item": item.to_record()})
+
+    def close(self) -> None:
+        pass
+

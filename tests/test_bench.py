@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import RESOLUTION
-from helpers import bench_args
+from helpers import StandInExecutor, bench_args
 
 pytest.importorskip("torchmetrics")
 
@@ -177,30 +177,12 @@ def test_failed_items_are_retried_once_then_recorded(monkeypatch, tmp_path, subj
              for name in ("fine", "flaky", "broken")]
     calls: list[str] = []
 
-    class StandIn:
-        def __init__(self, *args, **kwargs):
-            self.queue = []
-
-        def start(self):
-            return [{"host": "here", "pid": "1", "device": "cpu"}]
-
-        def submit(self, item):
-            self.queue.append(item)
-
-        def pending(self):
-            return len(self.queue)
-
-        def next_outcome(self):
-            item = self.queue.pop(0)
+    class StandIn(StandInExecutor):
+        def outcome(self, item):
             calls.append(item.id)
             if item.id == "broken" or (item.id == "flaky" and calls.count("flaky") == 1):
                 return Outcome(item, None, "RuntimeError: boom")
-            return Outcome(item, {"id": item.id, "subject": item.id, "class": "dog", "status": "done",
-                                  "seconds": 1.0, "peak_memory_bytes": 1, "memory": "process_peak_rss",
-                                  "metrics": {}, "images": [], "item": item.to_record()})
-
-        def close(self):
-            pass
+            return super().outcome(item)
 
     monkeypatch.setattr(runner_module, "make_executor", StandIn)
     settings = BenchSettings(run=GenerateSettings(device="cpu"))
@@ -224,31 +206,16 @@ def test_a_lost_worker_is_not_the_items_failure_unless_it_keeps_happening(monkey
     calls: list[str] = []
     notes: list[str] = []
 
-    class StandIn:
-        def __init__(self, executor, settings, out_dir, note):
-            self.queue, self.note = [], note
-
+    class StandIn(StandInExecutor):
         def start(self):
             self.note("2 workers")
-            return [{"host": "here", "pid": "1", "device": "cpu"}]
+            return super().start()
 
-        def submit(self, item):
-            self.queue.append(item)
-
-        def pending(self):
-            return len(self.queue)
-
-        def next_outcome(self):
-            item = self.queue.pop(0)
+        def outcome(self, item):
             calls.append(item.id)
             if item.id == "killer" or calls.count("unlucky") <= 2:
                 return Outcome(item, None, "worker 1 was lost: its node died", lost_worker=True)
-            return Outcome(item, {"id": item.id, "subject": item.id, "class": "dog", "status": "done",
-                                  "seconds": 1.0, "peak_memory_bytes": 1, "memory": "process_peak_rss",
-                                  "metrics": {}, "images": [], "item": item.to_record()})
-
-        def close(self):
-            pass
+            return super().outcome(item)
 
     class Watching(runner_module._Silent):
         def note(self, message):

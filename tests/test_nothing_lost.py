@@ -127,6 +127,22 @@ def test_sigterm_stops_like_ctrl_c_and_exits_143(tmp_path, sd_dir, dino_dir, sub
     assert_lora_renders_best_png(sd_dir, out)
 
 
+def test_sighup_from_a_closed_terminal_stops_like_sigterm_and_exits_129(tmp_path, sd_dir, dino_dir, subject_photo):
+    out = tmp_path / "run"
+    process = start_run(tmp_path, sd_dir, dino_dir, subject_photo, out)
+    try:
+        wait_for_step(process, out, 2)
+        process.send_signal(signal.SIGHUP)
+        output, _ = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 129, output
+    record = strict_json(out / "run.json")
+    assert record["stop_reason"] == "interrupted" and record["status"] == "finished"
+    assert_lora_renders_best_png(sd_dir, out)
+
+
 def test_sigkill_leaves_a_lora_that_renders_its_best_png(tmp_path, sd_dir, dino_dir, subject_photo):
     """The OOM killer and SIGKILL give no chance to save: the best LoRA must already be on disk."""
     out = tmp_path / "run"
@@ -285,6 +301,23 @@ def test_a_corrupt_lora_is_called_corrupt(run_siso, tmp_path, sd_dir, dino_dir, 
     assert code == 2 and "truncated or corrupt" in text and "does not fit" not in text
 
 
+def test_a_lora_of_nan_weights_is_refused_not_rendered_black(run_siso, tmp_path, sd_dir, dino_dir, subject_photo):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "run"
+    code, text = run_siso(*generate_args(sd_dir, dino_dir, subject_photo, out, "--max-steps", "1"))
+    assert code == 0, text
+    weights = out / "lora" / "pytorch_lora_weights.safetensors"
+    state = load_file(weights)
+    first = sorted(state)[0]
+    state[first] = torch.full_like(state[first], float("nan"))
+    save_file(state, weights)
+    code, text = run_siso("render", "--model", sd_dir, "--lora", out / "lora", "--prompt", PROMPT, "--out",
+                          tmp_path / "a.png", "--device", "cpu", "--resolution", RESOLUTION)
+    assert code == 2 and "not numbers (NaN or infinite) in 1 of its tensors" in " ".join(text.split()), text
+    assert not (tmp_path / "a.png").exists()
+
+
 class Anything:
     """Any class at all: unpickling it would run code that weights_only=True refuses to run."""
 
@@ -301,6 +334,7 @@ def test_an_unsafe_pickle_is_refused_without_torchs_advice(run_siso, tmp_path):
 
 
 @pytest.mark.parametrize("record, words", [
+    ({"id": "dog\n", "images": ["a.jpg"], "class": "dog", "prompts": ["p"]}, "must be letters, digits"),
     ({"images": ["a.jpg"], "class": "dog", "prompts": 5}, '"prompts" must be a list of strings'),
     ({"images": [5], "class": "dog", "prompts": ["p"]}, '"images" must be a list of strings'),
     ({"images": ["a.jpg"], "class": "dog", "scene": "s.jpg", "mask": 7}, '"mask" must be a string'),
@@ -372,3 +406,91 @@ def test_app_limits_jobs_and_models(sd_dir, dino_dir, subject_photo, tmp_path):
 
     with pytest.raises(SisoError, match="--max-job-steps"):
         AppSettings(max_steps=300)  # beyond the default cap of 200 per job
+
+
+def test_a_lora_write_error_from_safetensors_is_one_clear_message(run_siso, monkeypatch, tmp_path, sd_dir,
+                                                                  dino_dir, subject_photo):
+    """safetensors raises its own error, not an OSError, when the disk is full under it."""
+    from safetensors import SafetensorError
+
+    from siso import lora
+
+    original, calls = lora.save_file, []
+
+    def full_at_the_third_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) >= 3:
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lora, "save_file", full_at_the_third_save)
+    out = tmp_path / "run"
+    code, text = run_siso(*generate_args(sd_dir, dino_dir, subject_photo, out, "--max-steps", "10",
+                                         "--early-stop-patience", "10", "--lr", "5e-2"))
+    assert code == 2, text
+    text = " ".join(text.split())
+    assert "Writing the run failed (No space left on device)" in text and "Free some space" in text
+    record = strict_json(out / "run.json")
+    assert record["status"] == "failed" and record["stop_reason"] == "write_error"
+    assert (out / "losses.png").is_file()
+    saved = record["lora_step"]
+    assert saved is not None and f"iteration {saved}" in text.lower()  # what is really on disk
+    assert_lora_renders_best_png(sd_dir, out)
+
+
+def test_a_disk_turned_read_only_names_the_iteration_on_disk(run_siso, monkeypatch, tmp_path, sd_dir, dino_dir,
+                                                              subject_photo):
+    from siso import run_directory as runs
+
+    original, state = runs.atomic_path, {"best_writes": 0}
+
+    def read_only_after_the_first_best(path):
+        if Path(path).name == "best.png":
+            state["best_writes"] += 1
+            if state["best_writes"] >= 2:
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return original(path)
+
+    monkeypatch.setattr(runs, "atomic_path", read_only_after_the_first_best)
+    out = tmp_path / "run"
+    code, text = run_siso(*generate_args(sd_dir, dino_dir, subject_photo, out, "--max-steps", "10",
+                                         "--early-stop-patience", "10", "--lr", "5e-2"))
+    assert code == 2, text
+    text = " ".join(text.split())
+    record = strict_json(out / "run.json")
+    assert "Read-only file system" in text and "writable disk" in text and "Free some space" not in text
+    assert record["status"] == "failed" and record["lora_step"] == 0  # the first best is what is on disk
+    assert "Iteration 0's image and LoRA (best.png and lora/)" in text and "could not be written" in text
+    assert_lora_renders_best_png(sd_dir, out)
+
+
+LONG = "x" * 256  # one byte more than ext4, XFS, btrfs and tmpfs allow in a name
+
+
+@pytest.mark.parametrize("where", ["generate --out", "generate --subject", "render --out", "bench --out"])
+def test_a_name_too_long_for_the_filesystem_is_named(run_siso, no_model_loads, tmp_path, sd_dir, dino_dir,
+                                                     subject_photo, where):
+    command, flag = where.split()
+    if command == "generate":
+        out, subject = (tmp_path / LONG, subject_photo) if flag == "--out" else (tmp_path / "run", tmp_path / LONG)
+        args = generate_args(sd_dir, dino_dir, subject, out)
+    elif command == "render":
+        args = ["render", "--model", str(sd_dir), "--prompt", PROMPT, "--out", str(tmp_path / f"{LONG}.png"),
+                "--device", "cpu"]
+    else:
+        manifest = tmp_path / "manifest.jsonl"
+        manifest.write_text(json.dumps({"id": "dog", "class": "dog", "images": [str(subject_photo)],
+                                        "prompts": ["a dog"]}) + "\n")
+        args = ["bench", str(manifest), "--out", str(tmp_path / LONG), "--model", str(sd_dir), "--device", "cpu"]
+    code, text = run_siso(*args)
+    assert code == 2, text
+    assert "bytes long, and this filesystem allows 255; choose a shorter name" in " ".join(text.split())
+
+
+def test_a_pipe_or_a_device_is_not_called_an_empty_photo(run_siso, no_model_loads, tmp_path, sd_dir, dino_dir):
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    for subject in (fifo, Path("/dev/zero")):
+        code, text = run_siso(*generate_args(sd_dir, dino_dir, subject, tmp_path / "run"))
+        assert code == 2 and "is not a regular file" in text and "empty" not in text, text

@@ -12,12 +12,12 @@ import sys
 import time
 
 import pytest
+from helpers import StandInExecutor
 from test_nothing_lost import generate_args, start_run, strict_json, wait_for_step
 
 from siso.config import GenerateSettings
 from siso.errors import SisoError
 from siso.eval import runner as runner_module
-from siso.eval.executors import Outcome
 from siso.eval.manifest import BenchItem
 from siso.eval.runner import read_results, run_bench
 from siso.eval.settings import BenchSettings
@@ -66,34 +66,9 @@ def test_a_killed_writer_leaves_no_lock(run_siso, tmp_path, sd_dir, dino_dir, su
     assert code == 0, text
 
 
-class _StandIn:
-    """A benchmark executor that finishes every item at once (the runner's policy is what is tested)."""
-
-    def __init__(self, executor, settings, out_dir, note):
-        self.queue = []
-
-    def start(self):
-        return [{"host": "here", "pid": "1", "device": "cpu"}]
-
-    def submit(self, item):
-        self.queue.append(item)
-
-    def pending(self):
-        return len(self.queue)
-
-    def next_outcome(self):
-        item = self.queue.pop(0)
-        return Outcome(item, {"id": item.id, "subject": item.id, "class": "dog", "status": "done", "seconds": 1.0,
-                              "peak_memory_bytes": 1, "memory": "process_peak_rss", "metrics": {}, "images": [],
-                              "item": item.to_record()})
-
-    def close(self):
-        pass
-
-
 @pytest.fixture
 def bench(monkeypatch, subject_photo):
-    monkeypatch.setattr(runner_module, "make_executor", _StandIn)
+    monkeypatch.setattr(runner_module, "make_executor", StandInExecutor)
     items = [BenchItem(id=name, class_name="dog", images=(subject_photo,), prompts=("a dog",))
              for name in ("dog", "cat")]
     settings = BenchSettings(run=GenerateSettings(device="cpu"))

@@ -2,7 +2,7 @@
 
 Exit codes a script can trust (the README's "Exit codes"): 0 a usable result; 2 a mistake in the
 input or the environment (this error); 3 a run that produced nothing usable; 4 a benchmark with
-failed items; 130 stopped by Ctrl-C and 143 by SIGTERM (the best so far is saved).
+failed items; 130 stopped by Ctrl-C, 143 by SIGTERM and 129 by SIGHUP (the best so far is saved).
 """
 
 from __future__ import annotations

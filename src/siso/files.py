@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from safetensors import SafetensorError
+
+#: what a write can raise: the OS's errors (PIL and json raise those too), and safetensors' own, which is not one
+WRITE_ERRORS: tuple[type[Exception], ...] = (OSError, SafetensorError)
 
 
 def _umask() -> int:
@@ -73,3 +77,24 @@ def strict_json(data: Any) -> Any:
 def write_json(data: Any, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(strict_json(data), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def check_name_lengths(path: str | Path, what: str) -> None:
+    """Refuse a path with a name longer than its filesystem allows, saying which: the OS would say only
+    "File name too long", and only once models had loaded."""
+    from .errors import SisoError
+
+    path = Path(path)
+    existing = path.absolute().parent
+    while not os.path.isdir(existing) and existing != existing.parent:  # isdir: False, never raising
+        existing = existing.parent
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no limit known
+        limit = 255
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise SisoError(f"{what} {str(path)[:80]}...: the name {part[:40]}... is {size} bytes long, and this "
+                            f"filesystem allows {limit}; choose a shorter name.")
+

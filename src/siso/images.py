@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import SisoError
+from .files import check_name_lengths
 
 MIN_SIDE = 64
 MAX_SIDE = 8192
@@ -25,10 +26,13 @@ MAX_WORKING_SIDE = 2048
 def load_image(path: str | Path, role: str = "subject photo") -> Image.Image:
     """Open ``path`` as an upright RGB image, or raise :class:`SisoError` saying why not."""
     path = Path(path)
+    check_name_lengths(path, f"The {role}")
     if not path.exists():
         raise SisoError(f"The {role} {path} does not exist; check the path.")
     if path.is_dir():
         raise SisoError(f"The {role} {path} is a directory; pass an image file (JPEG, PNG, WebP, ...).")
+    if not path.is_file():  # a FIFO, a device such as /dev/zero: nothing an image is read from
+        raise SisoError(f"The {role} {path} is not a regular file (a pipe or a device?); pass an image file.")
     if path.stat().st_size == 0:
         raise SisoError(f"The {role} {path} is empty (0 bytes); the download or copy may have failed.")
     try:

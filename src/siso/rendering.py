@@ -19,7 +19,7 @@ from .backbones import Backbone
 from .config import RenderConfig
 from .devices import resolve_device, resolve_dtype
 from .errors import SisoError
-from .files import write_png
+from .files import check_name_lengths, write_png
 from .images import tensor_to_pil
 from .lora import DIFFUSERS_WEIGHT_NAME
 from .models import ModelCache
@@ -39,12 +39,16 @@ def check_lora_dir(lora: Path) -> None:
     file = lora / DIFFUSERS_WEIGHT_NAME if lora.is_dir() else lora
     try:
         with safe_open(str(file), "pt") as reader:
-            reader.keys()
+            # LoRA files are small (megabytes): reading every tensor once is cheap next to loading the model
+            broken = [key for key in reader.keys() if not torch.isfinite(reader.get_tensor(key)).all()]  # noqa: SIM118
     except Exception as err:  # SafetensorError, OSError: a truncated, empty or foreign file
         raise SisoError(
             f"{file} is not a readable safetensors file ({str(err)[:160] or err.__class__.__name__}); it may be "
             "truncated or corrupt. Use the LoRA of a finished siso run, or run the optimisation again."
         ) from err
+    if broken:  # it would render a black image: refuse it instead of writing one
+        raise SisoError(f"{file} holds weights that are not numbers (NaN or infinite) in {len(broken)} of its tensors "
+                        f"(e.g. {broken[0]}); it cannot render anything. Use the LoRA of another run.")
 
 
 def load_lora_file(backbone: Backbone, lora: Path) -> None:
@@ -101,6 +105,7 @@ def render(model: str, prompt: str, lora: str | Path | None = None, out: str | P
     if out is not None:
         if Path(out).suffix.lower() != ".png":
             raise SisoError(f"--out {out} must be a .png file path.")
+        check_name_lengths(out, "--out")
         if Path(out).is_dir():
             raise SisoError(f"--out {out} is a directory; pass the path of the .png file to write.")
         check_writable(Path(out))  # before the model loads, not after the render

@@ -9,6 +9,9 @@ keeps them and says so.
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,7 @@ import torch
 from PIL import Image
 
 from .errors import NoResultError, SisoError
+from .files import WRITE_ERRORS
 from .images import tensor_to_pil
 from .locks import DirectoryLock
 from .loop import StepEvent
@@ -50,12 +54,21 @@ class Run:
         self.lock = lock  # this process is the directory's one writer until close()
         self.writer = RunWriter(out_dir, session.record(), save_lora=session.save_lora)
         self.failure: SisoError | None = None
+        self.write_error: Exception | None = None  # the write that stopped the run, if one did
 
     def _kept(self) -> str:
+        """What is really on disk: the iteration whose image and LoRA were last written whole."""
         optimization = self.session.optimization
+        saved = self.writer.record.get("lora_step")
         if optimization.best_step is None:
             return f"No iteration finished, so nothing but the record {self.out_dir / 'run.json'} was written."
-        return (f"The best of {len(optimization.history)} iterations (iteration {optimization.best_step}: "
+        if saved is None:
+            return (f"No iteration's image and LoRA could be written; {len(optimization.history)} iterations ran "
+                    f"(the record is {self.out_dir / 'run.json'}).")
+        if saved != optimization.best_step:
+            return (f"Iteration {saved}'s image and LoRA (best.png and lora/) are saved in {self.out_dir}; the "
+                    f"best iteration, {optimization.best_step}, could not be written.")
+        return (f"The best of {len(optimization.history)} iterations (iteration {saved}: "
                 f"best.png and lora/) is saved in {self.out_dir}.")
 
     def steps(self) -> Iterator[StepEvent]:
@@ -72,13 +85,9 @@ class Run:
             hints = self.session.task.memory_hints()
             self.failure = SisoError(out_of_memory_advice(self.session.config, hints) + " " + self._kept())
             self.failure.__cause__ = err
-        except OSError as err:  # the disk filled up, or the run directory went away
+        except WRITE_ERRORS as err:  # the disk filled up or turned read-only, the directory went away
             optimization.stop_reason = "write_error"
-            self.failure = SisoError(
-                f"Writing the run failed ({_describe_os_error(err)}), so it stopped after iteration "
-                f"{len(optimization.history) - 1}. {self._kept()} Free some space and run again."
-            )
-            self.failure.__cause__ = err
+            self.write_error = err  # the message is made in finish(), once it is known what is on disk
 
     def request_stop(self) -> None:
         """Stop after the current iteration; the best so far is kept."""
@@ -94,16 +103,23 @@ class Run:
             optimization.stop_reason = "interrupted"
         if self.failure is None and optimization.stop_reason == "nan" and optimization.best_step is None:
             self.failure = NoResultError(nan_advice(self.session.config, self.out_dir))
-        status = "failed" if self.failure is not None else "finished"
+        written = describe_write_error(self.write_error) if self.write_error is not None else None
+        error = str(self.failure) if self.failure else f"Writing the run failed ({written[0]})" if written else None
         try:
             record = self.writer.finish(optimization, {"setup_seconds": round(self.session.setup_seconds, 3)},
-                                        status=status, error=str(self.failure) if self.failure else None)
-        except OSError as err:
-            if self.failure is not None:  # already failing (the disk is full): report the first cause
+                                        status="failed" if error else "finished", error=error)
+        except WRITE_ERRORS as err:
+            if self.failure is not None:  # already failing (out of memory, ...): report the first cause
                 raise self.failure from err
-            optimization.stop_reason = "write_error"
-            raise SisoError(f"Writing the run's final record failed ({_describe_os_error(err)}). "
-                            f"{self._kept()}") from err
+            if written is None:
+                optimization.stop_reason = "write_error"
+                what, advice = describe_write_error(err)
+                raise SisoError(f"Writing the run's final record failed ({what}). {self._kept()} {advice}") from err
+        if written is not None and self.failure is None:
+            what, advice = written
+            self.failure = SisoError(f"Writing the run failed ({what}), so it stopped after iteration "
+                                     f"{len(optimization.history) - 1}. {self._kept()} {advice}")
+            self.failure.__cause__ = self.write_error
         if self.failure is not None:
             raise self.failure
         return RunResult(
@@ -153,6 +169,27 @@ def run_to_end(run: Run) -> RunResult:
 def _describe_os_error(err: OSError) -> str:
     where = f" {err.filename}" if err.filename else ""
     return f"{err.strerror or err.__class__.__name__}{':' if where else ''}{where}"
+
+
+_WRITE_ADVICE = {
+    errno.ENOSPC: "Free some space and run again.",
+    errno.EDQUOT: "Free some space (the disk quota is full) and run again.",
+    errno.EROFS: "The disk is read-only now: run again with --out on a writable disk.",
+    errno.EACCES: "siso may no longer write there: check the directory's permissions, or choose another --out.",
+    errno.EPERM: "siso may no longer write there: check the directory's permissions, or choose another --out.",
+    errno.ENAMETOOLONG: "A file name is too long for this filesystem: choose a shorter --out.",
+}
+
+
+def describe_write_error(err: BaseException) -> tuple[str, str]:
+    """(what went wrong, what to do) for a failed write, whichever library raised it."""
+    if isinstance(err, OSError):
+        code, what = err.errno, _describe_os_error(err)
+    else:  # safetensors: "Error while serializing: IoError(Os { code: 28, kind: StorageFull, ... })"
+        found = re.search(r"code: (\d+)", str(err))
+        code = int(found.group(1)) if found else None
+        what = os.strerror(code) if code else str(err)
+    return what, _WRITE_ADVICE.get(code, "Check the disk, then run again.")
 
 
 def nan_advice(config: Any, out_dir: Path) -> str:

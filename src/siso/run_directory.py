@@ -6,6 +6,7 @@ dies still leaves a readable record of what it did.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SisoError
-from .files import atomic_path, make_private_dir_public, write_json, write_png
+from .files import WRITE_ERRORS, atomic_path, check_name_lengths, make_private_dir_public, write_json, write_png
 from .images import tensor_to_pil
 from .locks import DirectoryLock, check_not_locked, lock_directory, only_the_lock
 from .loop import Optimization, StepEvent
@@ -60,6 +61,7 @@ def _nearest_existing(path: Path) -> Path:
 def check_writable(out: Path, what: str = "--out") -> None:
     """Refuse an output place siso could not write, before any model loads: below a file, on a
     read-only filesystem, or in a directory the user may not write to."""
+    check_name_lengths(out, what)
     existing = _nearest_existing(out if out.is_dir() else out.parent)
     if not existing.is_dir():
         raise SisoError(f"{what} {out} lies inside {existing}, which is a file, not a directory; "
@@ -87,6 +89,7 @@ def check_run_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path 
     run's inputs (photos, mask, local models) lies inside it.
     """
     out = Path(out)
+    check_name_lengths(out, "--out")
     if out.exists() and not out.is_dir():
         raise SisoError(f"--out {out} is a file; pass a directory for the run's outputs.")
     check_writable(out)
@@ -174,12 +177,16 @@ class RunWriter:
     def finish(self, optimization: Optimization, timings: dict[str, float], status: str = "finished",
                error: str | None = None) -> dict[str, Any]:
         """Write the loss plot and the final run.json (the best LoRA is already on disk)."""
+        # Both best effort: should the disk refuse them too, the final record below still says how the run
+        # ended, and its lora_step which pair is on disk.
         if optimization.best_image is not None and self.record["lora_step"] != optimization.best_step:
             # The best iteration's files were not written with its step (a write failed, or the
             # consumer skipped on_step): write the pair now.
-            self._save_best(optimization.best_image, optimization.best_step)
+            with contextlib.suppress(*WRITE_ERRORS):
+                self._save_best(optimization.best_image, optimization.best_step)
         if optimization.history:
-            plot_losses(optimization.history, optimization.best_step, self.out / "losses.png")
+            with contextlib.suppress(*WRITE_ERRORS):
+                plot_losses(optimization.history, optimization.best_step, self.out / "losses.png")
         self.record.update(best_step=optimization.best_step, stop_reason=optimization.stop_reason, status=status)
         if error is not None:
             self.record["error"] = error

@@ -1,5 +1,5 @@
 """What a command shows and how it ends: the console, the progress bar, the device and settings
-lines, Ctrl-C and SIGTERM, the closing summary and the exit code after a signal."""
+lines, Ctrl-C, SIGTERM and SIGHUP, the closing summary and the exit code after a signal."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ STOP_REASONS = {
 }
 #: exit codes after a stop by signal, as shells report a process killed by it (128 + the signal)
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+if hasattr(signal, "SIGHUP"):  # the terminal closed (not on Windows): a stop like SIGTERM's, not a kill
+    SIGNAL_EXIT_CODES[signal.SIGHUP] = 129
 
 
 def quiet_libraries() -> None:
@@ -80,9 +82,10 @@ def settings_line(session: Any) -> str:
 
 
 class StopSignals:
-    """Ctrl-C (SIGINT) and SIGTERM (what `docker stop`, `timeout`, Slurm and Kubernetes send) both stop
-    a run gracefully: the first finishes this iteration, then everything is written; a second stops
-    at once (the best iteration's image and LoRA are on disk already). ``received`` is the first."""
+    """Ctrl-C (SIGINT), SIGTERM (what `docker stop`, `timeout`, Slurm and Kubernetes send) and SIGHUP (the
+    terminal closed) all stop a run gracefully: the first finishes this iteration, then everything is
+    written; a second stops at once (the best iteration's image and LoRA are on disk already).
+    ``received`` is the first."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -98,9 +101,10 @@ class StopSignals:
                 raise KeyboardInterrupt
             self.received = signum
             request_stop()
-            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-            console.print(f"[yellow]{name}: stopping after this iteration; send it again to stop at once "
-                          "(the best iteration so far is saved either way).[/]")
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+                console.print(f"[yellow]{name}: stopping after this iteration; send it again to stop at once "
+                              "(the best iteration so far is saved either way).[/]")
 
         previous = {sig: signal.getsignal(sig) for sig in SIGNAL_EXIT_CODES}
         for sig in SIGNAL_EXIT_CODES:
@@ -177,7 +181,7 @@ def follow(start: Callable[[], Any], max_steps: int, announce: Callable[[Any], N
 
 
 def exit_after_signal(result: Any, signals: StopSignals) -> None:
-    """Exit as scripts expect of a run a signal stopped: 130 after Ctrl-C, 143 after SIGTERM."""
+    """Exit as scripts expect of a run a signal stopped: 130 after Ctrl-C, 143 after SIGTERM, 129 after SIGHUP."""
     if result.stop_reason == "interrupted" and signals.exit_code is not None:
         raise typer.Exit(signals.exit_code)
 

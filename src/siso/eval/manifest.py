@@ -31,7 +31,7 @@ from typing import Any
 from ..errors import SisoError
 from ..files import atomic_path
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # DreamBooth's "live subjects" (its second prompt list: outfits, hats) are its 9 cats and dogs.
 LIVE_CLASSES = frozenset({"cat", "dog"})
@@ -79,7 +79,7 @@ class BenchItem:
         paths = tuple(_resolve(base, p) for p in images)
         subject = str(record.get("subject") or paths[0].parent.name)
         item_id = str(record.get("id") or subject)
-        if not ID_PATTERN.match(item_id):
+        if not ID_PATTERN.fullmatch(item_id):  # fullmatch: "$" alone would let "dog\n" through
             raise SisoError(f'{where}: id {item_id!r} must be letters, digits, "_", "." or "-" (it names a folder).')
         class_name = record.get("class") or record.get("class_name")
         if not isinstance(class_name, str) or not class_name.strip():

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import SisoError
-from ..files import write_json
+from ..files import check_name_lengths, write_json
 from ..knobs import knobs
 from ..locks import LOCK_FILE, DirectoryLock, check_not_locked, lock_directory, only_the_lock
 from ..run_directory import check_writable, library_versions
@@ -213,6 +213,7 @@ def is_siso_bench(directory: Path) -> bool:
 def prepare_bench_dir(out_dir: Path, overwrite: bool) -> DirectoryLock:
     """The benchmark directory, locked for this process: new, empty, or a siso benchmark (resumed, or with
     ``overwrite`` started afresh); never a directory of the user's own files, nor one another process writes."""
+    check_name_lengths(out_dir, "--out")
     if out_dir.exists() and not out_dir.is_dir():
         raise SisoError(f"--out {out_dir} is a file; pass a directory for the benchmark.")
     check_writable(out_dir)
