@@ -110,6 +110,17 @@ class Driver:
             time.sleep(0.05)
         return records
 
+    def wait_for_busy_workers(self, count: int) -> None:
+        """Until ``count`` items are being made at once (an item's directory without its result yet): with
+        one worker per node, every worker then holds an item."""
+        def busy() -> list[Path]:
+            return [item for item in (self.out / "items").glob("*/") if not (item / "result.json").exists()]
+
+        while len(now := busy()) < count:
+            assert self.process.poll() is None, self.output()
+            assert time.time() - self.started < DEADLINE, f"{len(now)} of {count} workers busy\n{self.output()}"
+            time.sleep(0.02)
+
     def wait_for_output(self, text: str) -> None:
         while text not in self.output():
             assert self.process.poll() is None, self.output()
@@ -155,10 +166,12 @@ def assert_each_item_done_once(out: Path) -> list[dict]:
 
 def test_a_lost_node_costs_its_item_nothing_and_the_run_finishes_on_the_rest(workers, driver):
     survivor, doomed = workers.add(), workers.add()
-    bench = driver("--workers", "2")
+    # Items long enough (a few seconds each) that the doomed worker is surely inside one when its node goes.
+    bench = driver("--workers", "2", "--max-steps", "30", "--early-stop-patience", "30")
     bench.start()
     bench.wait_for_results(1)
-    workers.remove(doomed)  # mid-run: its worker's item (if it had one) goes back to the queue
+    bench.wait_for_busy_workers(2)
+    workers.remove(doomed)  # mid-run, inside an item: that item goes back to the queue
     removed_at = time.time() + 1.0  # (an item the doomed node returned just before is committed within this)
     assert bench.finish() == 0, bench.output()
     records = assert_each_item_done_once(bench.out)
