@@ -122,6 +122,15 @@ def _deterministic():
 
 
 @pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any backbone load fails the test: what must be refused before the models load."""
+    from siso import models
+
+    # Patched where the model cache looks it up (models.py imports the name).
+    monkeypatch.setattr(models, "load_backbone", lambda *a, **k: pytest.fail("a model was loaded"))
+
+
+@pytest.fixture
 def run_siso(monkeypatch, capsys):
     """``run_siso(*argv) -> (exit code, output)``: the CLI in-process, through ``main()`` (so its
     error handling and exit codes are what is tested). The output must never hold a traceback."""

@@ -148,6 +148,8 @@ def test_sigkill_leaves_a_lora_that_renders_its_best_png(tmp_path, sd_dir, dino_
     assert record["status"] == "running" and record["lora_step"] is not None
     assert_lora_renders_best_png(sd_dir, out)
     assert not [p for p in (out / "lora").iterdir() if p.name.startswith(".")]
+    # One pair: best.png is lora/'s own image, which lora/ replaced whole at each new best.
+    assert (out / "best.png").is_symlink() and (out / "best.png").resolve() == (out / "lora" / "best.png").resolve()
 
 
 # -- failures while writing, and runs with nothing usable ----------------------------------------------
@@ -202,13 +204,6 @@ def test_a_nan_first_iteration_exits_3_with_advice(run_siso, monkeypatch, tmp_pa
 
 
 # -- problems found before any model loads -------------------------------------------------------------
-
-
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    from siso import backbones
-
-    monkeypatch.setattr(backbones, "load_backbone", lambda *a, **k: pytest.fail("a model was loaded"))
 
 
 def test_out_below_a_file(run_siso, no_model_loads, tmp_path, sd_dir, dino_dir, subject_photo):
@@ -433,16 +428,16 @@ def test_a_disk_turned_read_only_names_the_iteration_on_disk(run_siso, monkeypat
                                                               subject_photo):
     from siso import run_directory as runs
 
-    original, state = runs.atomic_path, {"best_writes": 0}
+    original, state = runs.write_png, {"best_writes": 0}
 
-    def read_only_after_the_first_best(path):
-        if Path(path).name == "best.png":
+    def read_only_after_the_first_best(image, path):
+        if Path(path).name == "best.png":  # the new pair's image, written into its fresh lora/
             state["best_writes"] += 1
             if state["best_writes"] >= 2:
                 raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return original(path)
+        return original(image, path)
 
-    monkeypatch.setattr(runs, "atomic_path", read_only_after_the_first_best)
+    monkeypatch.setattr(runs, "write_png", read_only_after_the_first_best)
     out = tmp_path / "run"
     code, text = run_siso(*generate_args(sd_dir, dino_dir, subject_photo, out, "--max-steps", "10",
                                          "--early-stop-patience", "10", "--lr", "5e-2"))
@@ -484,3 +479,48 @@ def test_a_pipe_or_a_device_is_not_called_an_empty_photo(run_siso, no_model_load
     for subject in (fifo, Path("/dev/zero")):
         code, text = run_siso(*generate_args(sd_dir, dino_dir, subject, tmp_path / "run"))
         assert code == 2 and "is not a regular file" in text and "empty" not in text, text
+
+
+KILLED_SWAPPER = """
+import sys, tempfile
+from pathlib import Path
+from siso.files import replace_directory
+target = Path(sys.argv[1])
+for i in range(10**9):
+    fresh = Path(tempfile.mkdtemp(prefix=".fresh-", dir=target.parent))
+    (fresh / "lora.txt").write_text(str(i))
+    (fresh / "best.txt").write_text(str(i))
+    replace_directory(fresh, target)
+"""
+
+
+def test_a_directory_replaced_in_one_step_is_never_a_mixture_whenever_it_is_killed(tmp_path):
+    """What a SIGKILL leaves of a pair swapped in over and over: always one iteration's two files together."""
+    import random
+
+    for attempt in range(12):
+        target = tmp_path / f"pair-{attempt}"
+        process = subprocess.Popen([sys.executable, "-c", KILLED_SWAPPER, str(target)])
+        deadline = time.monotonic() + 60
+        while not target.exists():  # swapping now, however slowly the interpreter started
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(random.random() * 0.2)
+        process.kill()
+        process.wait(timeout=30)
+        files = {p.name: p.read_text() for p in target.iterdir()}
+        assert files.keys() == {"lora.txt", "best.txt"} and files["lora.txt"] == files["best.txt"], (attempt, files)
+
+
+def test_replace_directory_without_an_atomic_exchange(monkeypatch, tmp_path):
+    from siso import files
+
+    monkeypatch.setattr(files, "_exchange", lambda first, second: False)  # a filesystem without RENAME_EXCHANGE
+    target = tmp_path / "lora"
+    for content in ("one", "two"):
+        fresh = tmp_path / f".fresh-{content}"
+        fresh.mkdir()
+        (fresh / "file").write_text(content)
+        files.replace_directory(fresh, target)
+        assert (target / "file").read_text() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]  # the old one deleted, nothing aside

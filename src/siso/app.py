@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,11 @@ class SisoApp:
         self.cache = cache or ModelCache()
         self.sessions: dict[str, BrowserSession] = {}
 
+    def page_defaults(self) -> dict[str, Any]:
+        """What the operator set for every run (``siso app --max-steps ...``): the controls' values, and
+        what a run gets where a client (the page, or the API) leaves a control empty."""
+        return {"resolution": self.settings.resolution, "max_steps": self.settings.max_steps}
+
     def session(self, request: gr.Request, tab: str = "generate") -> BrowserSession:
         """The state of one tab (generate or edit) of one browser session."""
         key = f"{request.session_hash or 'anonymous'}/{tab}"
@@ -76,7 +81,7 @@ class SisoApp:
         if not photos:
             raise gr.Error("Upload at least one photo of the subject first.")
         try:
-            options = self._options(GenerateConfig, GENERATE_CONTROLS, values)
+            options = {**self.page_defaults(), **self._options(GenerateConfig, GENERATE_CONTROLS, values)}
             config = GenerateConfig(
                 subjects=tuple(Path(_path_of(p)) for p in photos), prompt=prompt or "",
                 model=self.settings.check_model((model or self.settings.model).strip()),
@@ -98,9 +103,10 @@ class SisoApp:
             spec = knobs(owner)[name]
             if value in (None, "") or (spec.preset is not None and value == 0):
                 continue
-            options[name] = spec.value_type(value) if spec.value_type in (int, float) else value  # Number: floats
-        if "max_steps" in options:
-            options["max_steps"] = self.settings.check_steps(options["max_steps"])
+            options[name] = _number(spec, value) if spec.value_type in (int, float) else value
+        for name in ("max_steps", "steps"):  # optimisation iterations, render steps
+            if name in options:
+                options[name] = self.settings.check_steps(options[name])
         return options
 
     def resume(self, request: gr.Request, tab: str = "generate") -> Iterator[tuple]:
@@ -159,13 +165,13 @@ class SisoApp:
         if not subject or not scene:
             raise gr.Error("Upload a photo of the subject and the scene photo first.")
         try:
-            options = self._options(EditConfig, EDIT_CONTROLS, values)
+            options = {**self.page_defaults(), **self._options(EditConfig, EDIT_CONTROLS, values)}
             config = EditConfig(
                 subject=Path(_path_of(subject)), input=Path(_path_of(scene)),
                 subject_class=(subject_class or "").strip() or None, input_class=(input_class or "").strip() or None,
                 mask=Path(_path_of(mask)) if mask else None,
                 model=self.settings.check_model((model or "").strip() or self.settings.edit_model),
-                resolution=self.settings.resolution, dino_model=self.settings.dino_model,
+                dino_model=self.settings.dino_model,
                 ir_model=self.settings.ir_model, device=self.settings.device, compile=self.settings.compile,
                 **options,
             )
@@ -194,6 +200,8 @@ class SisoApp:
             status = f"**Finished** ({reason}). " + status + f" · run directory `{out}`"
         if session.note:
             status += f" · {session.note}"
+        for note in run.session.task.notes:
+            status += f" · {note}"
         downloads = None
         if finished and (out / "lora" / DIFFUSERS_WEIGHT_NAME).is_file():
             # The kohya file is there for SD and SDXL runs (ComfyUI / A1111 load it); FLUX and Sana have none.
@@ -210,8 +218,10 @@ class SisoApp:
 
     # -- render -----------------------------------------------------------------------------
     def render(self, request: gr.Request, model: str, lora_file, use_last: bool, prompt: str,
-               *values: Any) -> tuple[str, str]:
-        """Render: ``values`` are the :data:`RENDER_CONTROLS`' in order."""
+               *values: Any, progress: Callable[..., Any] | None = None) -> tuple[str, str]:
+        """Render: ``values`` are the :data:`RENDER_CONTROLS`' in order; ``progress`` is gradio's
+        ``gr.Progress`` (each denoising step). The server's job limits apply: the steps are capped
+        as iterations are, and a render past the time limit is stopped."""
         session = self.session(request)
         lora: Path | None = None
         if lora_file:
@@ -223,14 +233,38 @@ class SisoApp:
         try:
             config = RenderConfig(model=self.settings.check_model((model or self.settings.model).strip()),
                                   prompt=prompt or "", lora=lora, device=self.settings.device,
-                                  **self._options(RenderConfig, RENDER_CONTROLS, values))
+                                  **{"resolution": self.settings.resolution,
+                                     **self._options(RenderConfig, RENDER_CONTROLS, values)})
+            deadline = time.monotonic() + 60 * self.settings.max_job_minutes
+
+            def step_done(done: int, total: int) -> None:
+                if progress is not None:
+                    progress((done, total), desc="Rendering")
+                if time.monotonic() > deadline and done < total:
+                    raise SisoError(f"Stopped the render at the server's limit of {self.settings.max_job_minutes:g} "
+                                    f"minutes per job, after {done} of {total} steps; ask for fewer steps.")
+
             with render_backbone(config, self.cache) as backbone:
-                image = render_with(backbone, config)
+                image = render_with(backbone, config, step_done)
         except SisoError as err:
             raise gr.Error(str(err)) from err
         path = self.new_run_dir("render").with_suffix(".png")
         write_png(image, path)
         return str(path), str(path)
+
+
+def _number(spec, value: Any) -> int | float:
+    """A number control's value as its knob's type (gradio sends floats; an API client may send anything)."""
+    kind = "a whole number" if spec.value_type is int else "a number"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SisoError(f"{spec.label} must be {kind}, got {value!r}.") from None
+    if spec.value_type is int:
+        if not number.is_integer():
+            raise SisoError(f"{spec.label} must be {kind}, got {value!r}.")
+        return int(number)
+    return number
 
 
 def mask_overlay(edit_session) -> Image.Image:
@@ -308,8 +342,7 @@ def knob_controls(owner: type, names: Sequence[str], prefix: str, values: dict[s
 
 def build_app(settings: AppSettings, cache: ModelCache | None = None) -> gr.Blocks:
     app = SisoApp(settings, cache)
-    # What the operator set for every run (siso app --max-steps ...), shown as the controls' values.
-    page_defaults = {"resolution": settings.resolution, "max_steps": settings.max_steps}
+    page_defaults = app.page_defaults()
     # delete_cache: gradio removes the uploads it keeps in its temporary folder once they are an hour
     # old (checked every 10 minutes, and when the app closes); the runs themselves live in runs_dir.
     with gr.Blocks(title="siso: single-image personalisation", delete_cache=(600, 3600)) as demo:
@@ -370,7 +403,12 @@ def build_app(settings: AppSettings, cache: ModelCache | None = None) -> gr.Bloc
                 with gr.Column():
                     r_image = gr.Image(label="Image", type="filepath", interactive=False)
                     r_file = gr.File(label="Download", interactive=False)
-            r_go.click(app.render, [r_model, r_lora, r_use_last, r_prompt, *r_controls],
+
+            def render_job(request: gr.Request, model: str, lora_file, use_last: bool, prompt: str,
+                           progress=gr.Progress(), *values: Any) -> tuple[str, str]:  # noqa: B008 - how gradio asks
+                return app.render(request, model, lora_file, use_last, prompt, *values, progress=progress)
+
+            r_go.click(render_job, [r_model, r_lora, r_use_last, r_prompt, *r_controls],
                        [r_image, r_file], concurrency_limit=1, concurrency_id=GPU_QUEUE)
     demo.queue(default_concurrency_limit=1)
     return demo

@@ -35,9 +35,9 @@ class AppSettings:
     compile: bool | None = like(RunSettings, "compile", default=None)
     runs_dir: Path = knob(Path("siso-runs"), help="Where every run's directory is written.")
     max_upload_mb: int = knob(25, help="Largest accepted upload, in MB.")
-    max_job_steps: int = knob(200, help="Most iterations one job may run (Continue included), so no client holds "
-                                        "the GPU queue.")
-    max_job_minutes: float = knob(30.0, help="Longest one Start or Continue may run, in minutes.")
+    max_job_steps: int = knob(200, help="Most iterations one job may run (Continue included; a Render's denoising "
+                                        "steps too), so no client holds the GPU queue.")
+    max_job_minutes: float = knob(30.0, help="Longest one Start, Continue or Render may run, in minutes.")
     model_allowlist: tuple[str, ...] | None = knob(None, parse=_allowlist, metavar="A,B", help=(
         "Models (Hub ids or directories) the page may load (unset: any on 127.0.0.1; only --model and "
         "--edit-model when serving beyond it)."))

@@ -31,6 +31,8 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 LORA_FORMATS = ("diffusers", "kohya")
 MAX_RESOLUTION = 2048  # beyond the sizes these models are trained at, and beyond most GPUs' memory
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+#: the schedulers of every supported model are trained on 1000 timesteps: more steps add nothing but time
+MAX_RENDER_STEPS = 1000
 
 
 def _none_or(value: str) -> str | None:
@@ -322,7 +324,8 @@ class RenderConfig:
     model: str = knob(help="The model the LoRA was learned on (Hub id or directory).")
     prompt: str = knob(help="Any prompt; name the subject's class, e.g. 'a dog in the snow'.")
     lora: Path | None = knob(None, help="The lora/ directory of a siso run (or one .safetensors file).")
-    steps: int | None = knob(None, preset="render_steps", label="Denoising steps", help="Denoising steps.")
+    steps: int | None = knob(None, preset="render_steps", label="Denoising steps",
+                             help=f"Denoising steps (at most {MAX_RENDER_STEPS}).")
     seed: int = like(RunSettings, "seed")
     resolution: int = like(RunSettings, "resolution")
     device: str = like(RunSettings, "device")
@@ -338,6 +341,10 @@ class RenderConfig:
             object.__setattr__(self, "lora", Path(self.lora))
         _check_size_and_seed(self)
         _check_positive("--steps", self.steps)
+        if self.steps is not None and self.steps > MAX_RENDER_STEPS:
+            raise SisoError(f"--steps {self.steps} is more than a render can use: these models' schedulers are trained "
+                            f"on {MAX_RENDER_STEPS} timesteps (their model cards render in 1-50); at most "
+                            f"{MAX_RENDER_STEPS}.")
         _check_positive("--prompt-tokens", self.prompt_tokens)
         _check_choices(self)
 

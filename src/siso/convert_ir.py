@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from .errors import SisoError
+from .files import WRITE_ERRORS, describe_write_error
+from .run_directory import check_writable
 from .similarity.ir import SisoIRConfig, SisoIRModel
 
 # open_clip ViT-H/14 attention heads are 80 wide (1280 / 16); the width alone then fixes the head count.
@@ -167,6 +169,8 @@ def _load_failure(err: Exception) -> str:
 
 
 def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():
+        raise SisoError(f"IR checkpoint {path} is a directory; pass the .pth file of {KAGGLE_CHECKPOINT} inside it.")
     if not path.is_file():
         raise SisoError(
             f"IR checkpoint {path} does not exist; download {KAGGLE_CHECKPOINT} "
@@ -206,6 +210,7 @@ def convert_ir_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     _check_out_dir(out_dir)  # before the (multi-GB) load
+    check_writable(out_dir)
     state_dict = _load_checkpoint(checkpoint)
     _check_keys(state_dict, f"IR checkpoint {checkpoint}")
     config = infer_ir_architecture(state_dict)
@@ -227,16 +232,20 @@ def convert_ir_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     # A non-persistent buffer, so not in the state dict: rebuild it off the meta device.
     embeddings.position_ids = torch.arange(embeddings.num_positions).expand((1, -1))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     # A hidden sibling on the same filesystem, so the final rename is atomic; mkdir honours the umask.
     tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         # One file (ViT-H is ~2.5 GB in fp32): IRSimilarity.from_pretrained looks for model.safetensors.
         model.save_pretrained(tmp, max_shard_size="100GB")
         _check_out_dir(out_dir)  # it may have appeared during the conversion
         # rename(2) replaces an empty directory atomically, and fails on a non-empty one.
         os.replace(tmp, out_dir)
+    except WRITE_ERRORS as err:
+        what, advice = describe_write_error(err)
+        raise SisoError(f"Could not write the converted IR model into {out_dir} ({what}); nothing was left there. "
+                        f"{advice}") from err
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)

@@ -42,6 +42,9 @@ class GenerateTask(Task):
     def prepare(self, backbone: Backbone,
                 similarity: SimilarityLoss) -> tuple[Callable[[], torch.Tensor], SimilarityLoss]:
         config = self.config
+        for tokenizer, tokens, kept in backbone.prompt_cuts(config.prompt):
+            self.notes.append(f"The prompt is {tokens} tokens long for {tokenizer}, which reads the first {kept} "
+                              f"(special tokens included); the rest is ignored. Shorten it to keep every word.")
 
         def render_with(cond):
             return render(backbone, cond, config.seed, config.resolution, config.denoise_steps, config.grad_steps)

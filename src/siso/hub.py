@@ -61,7 +61,26 @@ def hub_refusal(model: str, err: BaseException) -> str | None:
     return None
 
 
-def check_hub_reachable(model: str) -> None:
+def is_cached(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds a snapshot of ``repo_id`` (downloaded before)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    snapshots = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots"
+    try:
+        return any(snapshots.iterdir())
+    except OSError:
+        return False
+
+
+def check_downloadable(repo_id: str, flag: str) -> None:
+    """A Hub model that must be downloaded needs the Hub: one quick request says at once when it cannot
+    be reached (huggingface_hub alone retries for ~25 s per model). Nothing asked for a cached one."""
+    if not is_cached(repo_id):
+        check_hub_reachable(repo_id, flag)
+
+
+def check_hub_reachable(model: str, flag: str | None = None) -> None:
     """One request to the Hub's endpoint, no retries; any HTTP answer means it is reachable.
 
     Nothing to check when the Hub is switched off (HF_HUB_OFFLINE=1): diffusers then fails at once itself.
@@ -72,11 +91,18 @@ def check_hub_reachable(model: str) -> None:
     if constants.HF_HUB_OFFLINE:
         return
     endpoint = constants.ENDPOINT
+    if endpoint in _ANSWERED:
+        return
     try:
         get_session().head(endpoint, timeout=REACHABLE_TIMEOUT_S)
     except Exception as err:  # DNS failure, refused connection, timeout, proxy or TLS trouble
+        shown = f"{flag} {model!r}" if flag else repr(model)
         raise SisoError(
-            f"{model!r} is not in the local Hugging Face cache and the Hub ({endpoint}) cannot be reached "
+            f"{shown} is not in the local Hugging Face cache and the Hub ({endpoint}) cannot be reached "
             f"({err.__class__.__name__}: {err}). The first run of a Hub model needs internet access to "
             "download it (later runs use the cache); or pass a local directory saved with save_pretrained."
         ) from err
+    _ANSWERED.add(endpoint)
+
+
+_ANSWERED: set[str] = set()  # endpoints that answered in this process: asked once, not once per model

@@ -4,6 +4,7 @@ plain diffusers, ComfyUI and A1111 load."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save, save_file
 
+from .errors import SisoError
 from .files import FILE_MODE
 from .lora_layouts import canonical_layers, kohya_layers, kohya_metadata, kohya_prefixes
 
@@ -59,6 +61,7 @@ def attach_lora(backbone: Backbone, rank: int, train_text_encoder: bool, seed: i
         targets.update({name: backbone.preset.text_encoder_lora_targets for name in backbone.text_encoder_names})
     adapter = LoraAdapter({name: LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                             target_modules=list(modules)) for name, modules in targets.items()})
+    check_rank(backbone, adapter, rank)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for name, config in adapter.configs.items():
@@ -70,6 +73,24 @@ def attach_lora(backbone: Backbone, rank: int, train_text_encoder: bool, seed: i
             cast_training_params(model, torch.float32)
             adapter.parameters[name] = _adapter_parameters(model)
     return adapter
+
+
+def check_rank(backbone: Backbone, adapter: LoraAdapter, rank: int) -> None:
+    """Refuse, before any LoRA memory is allocated, a rank no target layer can use: a rank-r update of an
+    (out x in) weight has rank at most min(in, out), so beyond the largest such bound the LoRA only
+    grows (rank 100000 would be gigabytes on a tiny model)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    useful = 0
+    for name, config in adapter.configs.items():
+        for path, module in getattr(backbone.pipeline, name).named_modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.ndim >= 2 and check_target_module_exists(config, path):
+                useful = max(useful, min(weight.shape[0], math.prod(weight.shape[1:])))
+    if useful and rank > useful:
+        raise SisoError(f"--lora-rank {rank} is more than any LoRA layer of {backbone.model_id} can use: its largest "
+                        f"target layers have rank {useful} at most. Pass --lora-rank {useful} or less (the paper "
+                        "uses 4).")
 
 
 def reattach_lora(backbone: Backbone, adapter: LoraAdapter) -> None:

@@ -9,7 +9,6 @@ with every new best iteration, from what run.json records, so ``lora/`` is a com
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -112,10 +111,8 @@ def card_text(record: dict[str, Any]) -> str:
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
 
 
-def write_model_card(lora_dir: Path, record: dict[str, Any], best_png: Path) -> None:
-    """``lora_dir``'s README.md and the image its widget shows (a copy of ``best_png``), each atomically."""
-    with atomic_path(lora_dir / IMAGE_NAME) as image:
-        shutil.copyfile(best_png, image)
+def write_model_card(lora_dir: Path, record: dict[str, Any]) -> None:
+    """``lora_dir``'s README.md, describing the LoRA and the image (``IMAGE_NAME``) beside it."""
     with atomic_path(lora_dir / CARD_NAME) as card:
         card.write_text(card_text(record), encoding="utf-8")
 

@@ -7,7 +7,7 @@ gets from ``pipe.load_lora_weights(run_dir / "lora")``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +77,13 @@ def render_backbone(config: RenderConfig, cache: ModelCache | None = None) -> It
         yield backbone
 
 
-def render_with(backbone: Backbone, config: RenderConfig) -> Image.Image:
-    """``config``'s prompt through the plain pipeline of ``backbone`` (with whatever LoRA it carries)."""
+def render_with(backbone: Backbone, config: RenderConfig,
+                on_step: Callable[[int, int], None] | None = None) -> Image.Image:
+    """``config``'s prompt through the plain pipeline of ``backbone`` (with whatever LoRA it carries).
+
+    ``on_step(done, total)`` is called after each denoising step (the pipeline's own
+    ``callback_on_step_end``): a progress bar, or a time limit that raises to stop the render.
+    """
     steps = config.steps or backbone.preset.render_steps
     extra = dict(backbone.plain_pipeline_kwargs(steps))
     if config.prompt_tokens is not None:
@@ -86,6 +91,12 @@ def render_with(backbone: Backbone, config: RenderConfig) -> Image.Image:
             raise SisoError(f"--prompt-tokens applies to FLUX and Sana pipelines (T5 / Gemma prompts); "
                             f"{backbone.model_id}'s CLIP prompts are always 77 tokens. Drop --prompt-tokens.")
         extra["max_sequence_length"] = config.prompt_tokens
+    if on_step is not None:
+        def step_ended(pipeline: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            on_step(index + 1, getattr(pipeline, "num_timesteps", None) or steps)
+            return tensors
+
+        extra["callback_on_step_end"] = step_ended
     generator = torch.Generator(backbone.device).manual_seed(config.seed)
     with torch.no_grad():
         images = backbone.pipeline(  # the prompt by keyword: Flux2KleinPipeline.__call__ takes an image first
@@ -96,10 +107,12 @@ def render_with(backbone: Backbone, config: RenderConfig) -> Image.Image:
 
 
 def render(model: str, prompt: str, lora: str | Path | None = None, out: str | Path | None = None, *,
-           cache: ModelCache | None = None, **options: Any) -> Image.Image:
+           cache: ModelCache | None = None, on_step: Callable[[int, int], None] | None = None,
+           **options: Any) -> Image.Image:
     """Render ``prompt`` with ``model`` plus an optional learned LoRA; write ``out`` if given.
 
-    ``options`` are :class:`RenderConfig` fields (``steps``, ``seed``, ``resolution``, ...).
+    ``options`` are :class:`RenderConfig` fields (``steps``, ``seed``, ``resolution``, ...);
+    ``on_step(done, total)`` follows the denoising steps.
     """
     config = RenderConfig(model=model, prompt=prompt, lora=lora, **options)
     if out is not None:
@@ -110,7 +123,7 @@ def render(model: str, prompt: str, lora: str | Path | None = None, out: str | P
             raise SisoError(f"--out {out} is a directory; pass the path of the .png file to write.")
         check_writable(Path(out))  # before the model loads, not after the render
     with render_backbone(config, cache) as backbone:
-        image = render_with(backbone, config)
+        image = render_with(backbone, config, on_step)
     if out is not None:
         write_png(image, out)
     return image

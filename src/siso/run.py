@@ -9,9 +9,6 @@ keeps them and says so.
 
 from __future__ import annotations
 
-import errno
-import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +18,7 @@ import torch
 from PIL import Image
 
 from .errors import NoResultError, SisoError
-from .files import WRITE_ERRORS
+from .files import WRITE_ERRORS, describe_write_error
 from .images import tensor_to_pil
 from .locks import DirectoryLock
 from .loop import StepEvent
@@ -164,32 +161,6 @@ def run_to_end(run: Run) -> RunResult:
         return run.finish()
     finally:
         run.close()
-
-
-def _describe_os_error(err: OSError) -> str:
-    where = f" {err.filename}" if err.filename else ""
-    return f"{err.strerror or err.__class__.__name__}{':' if where else ''}{where}"
-
-
-_WRITE_ADVICE = {
-    errno.ENOSPC: "Free some space and run again.",
-    errno.EDQUOT: "Free some space (the disk quota is full) and run again.",
-    errno.EROFS: "The disk is read-only now: run again with --out on a writable disk.",
-    errno.EACCES: "siso may no longer write there: check the directory's permissions, or choose another --out.",
-    errno.EPERM: "siso may no longer write there: check the directory's permissions, or choose another --out.",
-    errno.ENAMETOOLONG: "A file name is too long for this filesystem: choose a shorter --out.",
-}
-
-
-def describe_write_error(err: BaseException) -> tuple[str, str]:
-    """(what went wrong, what to do) for a failed write, whichever library raised it."""
-    if isinstance(err, OSError):
-        code, what = err.errno, _describe_os_error(err)
-    else:  # safetensors: "Error while serializing: IoError(Os { code: 28, kind: StorageFull, ... })"
-        found = re.search(r"code: (\d+)", str(err))
-        code = int(found.group(1)) if found else None
-        what = os.strerror(code) if code else str(err)
-    return what, _WRITE_ADVICE.get(code, "Check the disk, then run again.")
 
 
 def nan_advice(config: Any, out_dir: Path) -> str:

@@ -20,11 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SisoError
-from .files import WRITE_ERRORS, atomic_path, check_name_lengths, make_private_dir_public, write_json, write_png
+from .files import (
+    WRITE_ERRORS,
+    atomic_path,
+    check_name_lengths,
+    make_private_dir_public,
+    replace_directory,
+    write_json,
+    write_png,
+)
 from .images import tensor_to_pil
 from .locks import DirectoryLock, check_not_locked, lock_directory, only_the_lock
 from .loop import Optimization, StepEvent
-from .model_card import write_model_card
+from .model_card import IMAGE_NAME, write_model_card
 
 _LIBRARIES = ("siso", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors")
 
@@ -58,11 +66,12 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_writable(out: Path, what: str = "--out") -> None:
+def check_writable(out: Path, what: str = "--out", probe: Path | None = None) -> None:
     """Refuse an output place siso could not write, before any model loads: below a file, on a
-    read-only filesystem, or in a directory the user may not write to."""
+    read-only filesystem, or in a directory the user may not write to. The write test happens in
+    ``probe`` (default: ``out``'s nearest existing directory), where siso is about to write anyway."""
     check_name_lengths(out, what)
-    existing = _nearest_existing(out if out.is_dir() else out.parent)
+    existing = probe or _nearest_existing(out if out.is_dir() else out.parent)
     if not existing.is_dir():
         raise SisoError(f"{what} {out} lies inside {existing}, which is a file, not a directory; "
                         "choose another place.")
@@ -82,31 +91,39 @@ def _inside(path: Path, directory: Path) -> bool:
 
 
 def check_run_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
-    """Refuse an output directory siso must not write; creates nothing (a failed start leaves no trace).
+    """Refuse an output directory siso must not write; creates nothing (a failed start leaves no trace),
+    and writes nothing into a directory it refuses.
 
     A new or empty directory is fine. A non-empty one only with ``overwrite``, only if it is a siso
-    run (its run.json says so: siso never replaces the user's own files), and only if none of the
-    run's inputs (photos, mask, local models) lies inside it.
+    run (its run.json says so: siso never replaces the user's own files), only if none of the run's
+    inputs (photos, mask, local models) lies inside it, and not while the current directory does
+    (it would be deleted under the shell). Returns ``out`` as an absolute path (``.`` has no name
+    to put the replacement beside).
     """
-    out = Path(out)
-    check_name_lengths(out, "--out")
+    given = out
+    check_name_lengths(Path(out), "--out")
+    out = Path(os.path.abspath(out))
     if out.exists() and not out.is_dir():
-        raise SisoError(f"--out {out} is a file; pass a directory for the run's outputs.")
-    check_writable(out)
+        raise SisoError(f"--out {given} is a file; pass a directory for the run's outputs.")
     if out.is_dir():
         check_not_locked(out)  # another process writes it now: --overwrite or not, it is theirs
     if not out.exists() or only_the_lock(out):
+        check_writable(out)
         return out
     if not overwrite:
-        raise SisoError(f"--out {out} is not empty; choose a new directory, or pass --overwrite to replace an earlier "
-                        "siso run there.")
+        raise SisoError(f"--out {given} is not empty; choose a new directory, or pass --overwrite to replace an "
+                        "earlier siso run there.")
     if not is_siso_run(out):
-        raise SisoError(f"--out {out} is not empty and is not a siso run (it has no siso {RUN_RECORD}); --overwrite "
-                        "only replaces siso's own run directories. Choose a new directory.")
+        raise SisoError(f"--out {given} is not empty and is not a siso run (it has no siso {RUN_RECORD}); "
+                        "--overwrite only replaces siso's own run directories. Choose a new directory.")
     for path in inputs:
         if path is not None and Path(path).exists() and _inside(Path(path), out):
-            raise SisoError(f"{path} lies inside --out {out}, which --overwrite would replace; copy it elsewhere "
+            raise SisoError(f"{path} lies inside --out {given}, which --overwrite would replace; copy it elsewhere "
                             "first, or write the run to another directory.")
+    if _inside(Path.cwd(), out):
+        raise SisoError(f"--out {given} holds the current directory, which --overwrite would delete under your shell; "
+                        f"run the command from outside it (e.g. `cd {out.parent}`), with --out {out}.")
+    check_writable(out, probe=out.resolve().parent)  # the replacement is made beside the old run
     return out
 
 
@@ -119,16 +136,18 @@ def prepare_run_dir(out: str | Path, overwrite: bool,
     one renamed into its place, and the old one deleted only then. ``out`` is never a mixture of two
     runs (no stale step images or LoRA files of another subject); between the two renames it is briefly
     absent, and a crash there leaves the old run complete beside it (POSIX has no directory swap).
+    Where ``out`` is a symbolic link, the run it points to is replaced, and the link kept.
     """
     out = check_run_dir(out, overwrite, inputs)
     if out.exists() and not only_the_lock(out):
         old_lock = lock_directory(out)  # nobody may start writing the old run while it is replaced
-        fresh = make_private_dir_public(Path(tempfile.mkdtemp(prefix=f".{out.name}.siso-new-", dir=out.parent)))
+        target = out.resolve()
+        fresh = make_private_dir_public(Path(tempfile.mkdtemp(prefix=f".{target.name}.siso-new-", dir=target.parent)))
         (fresh / "steps").mkdir()
         lock = lock_directory(fresh)  # locked before it has the run's name
-        old = out.parent / f".{out.name}.siso-old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        os.rename(fresh, out)
+        old = target.parent / f".{target.name}.siso-old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+        os.rename(fresh, target)
         old_lock.release()
         shutil.rmtree(old, ignore_errors=True)
         lock.directory = out
@@ -163,16 +182,27 @@ class RunWriter:
         write_json(self.record, self.out / RUN_RECORD)
 
     def _save_best(self, image, step: int) -> None:
-        # best.png is renamed into place only after the LoRA is: if either write fails, the pair on
-        # disk stays the previous best's.
-        with atomic_path(self.out / "best.png") as best_png:
-            tensor_to_pil(image).save(best_png, format="PNG")
-            if self.save_lora is not None:
-                self.save_lora(self.out / "lora")
-                self.record["lora"] = "lora"
-                self.record["lora_step"] = step
-        if self.save_lora is not None:  # the card describes the pair just written
-            write_model_card(self.out / "lora", self.record, self.out / "best.png")
+        """The best iteration's LoRA and image, as one pair put in place in one step.
+
+        ``lora/`` holds the LoRA files, the image they render (``lora/best.png``) and their card; it
+        is written complete beside the old one and swapped in whole (:func:`replace_directory`), and
+        the run's ``best.png`` is a link to ``lora/best.png``. So whatever moment a run is killed at,
+        ``best.png`` is the image ``lora/`` renders; should a write fail, the previous pair stays.
+        """
+        if self.save_lora is None:
+            write_png(tensor_to_pil(image), self.out / "best.png")
+            return
+        fresh = make_private_dir_public(Path(tempfile.mkdtemp(prefix=".lora-", dir=self.out)))
+        try:
+            self.save_lora(fresh)
+            write_png(tensor_to_pil(image), fresh / IMAGE_NAME)
+            record = {**self.record, "lora": "lora", "lora_step": step}
+            write_model_card(fresh, record)
+            replace_directory(fresh, self.out / "lora")
+        finally:
+            shutil.rmtree(fresh, ignore_errors=True)
+        self.record.update(lora="lora", lora_step=step)
+        _link_best(self.out)
 
     def finish(self, optimization: Optimization, timings: dict[str, float], status: str = "finished",
                error: str | None = None) -> dict[str, Any]:
@@ -198,6 +228,19 @@ class RunWriter:
         }
         write_json(self.record, self.out / RUN_RECORD)
         return self.record
+
+
+def _link_best(out: Path) -> None:
+    """``best.png``: a link to ``lora/best.png`` (made once), else, where links cannot be made, a copy."""
+    best = out / "best.png"
+    if best.is_symlink():
+        return
+    with atomic_path(best) as tmp:
+        tmp.unlink()
+        try:
+            os.symlink(Path("lora") / IMAGE_NAME, tmp)
+        except OSError:  # a filesystem without symbolic links: a copy, renamed after the LoRA (two steps)
+            shutil.copyfile(out / "lora" / IMAGE_NAME, tmp)
 
 
 def plot_losses(history: list[dict[str, float]], best_step: int | None, path: Path) -> None:

@@ -51,6 +51,8 @@ class Task(ABC):
 
     def __init__(self, config: RunSettings) -> None:
         self.config = config  # the template replaces it with the resolved config
+        #: what the user should know about the inputs once the models have read them (a prompt cut short)
+        self.notes: list[str] = []
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -217,6 +219,7 @@ class Session:
             "compile": self.compiled.to_record(),
             "weights_variant": self.backbone.weights_variant,
             "versions": library_versions(),
+            **({"notes": list(self.task.notes)} if self.task.notes else {}),
         }
 
 

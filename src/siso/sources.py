@@ -19,7 +19,13 @@ def is_local_path(source: str) -> bool:
 
 
 def check_source(source: str, flag: str) -> None:
-    """Refuse, before anything loads, a local path that does not exist."""
-    if is_local_path(source) and not Path(source).expanduser().exists():
-        raise SisoError(f"{flag} {source} does not exist (no such file or directory); check the path, or pass a "
-                        "Hugging Face Hub id such as owner/name.")
+    """Refuse, before anything loads, a local path that does not exist, and a Hub id that would have to be
+    downloaded from a Hub this machine cannot reach (at once, not after huggingface_hub's retries)."""
+    if is_local_path(source) or Path(source).expanduser().exists():
+        if not Path(source).expanduser().exists():
+            raise SisoError(f"{flag} {source} does not exist (no such file or directory); check the path, or pass a "
+                            "Hugging Face Hub id such as owner/name.")
+        return
+    from .hub import check_downloadable
+
+    check_downloadable(source, flag)

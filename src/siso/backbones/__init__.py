@@ -8,6 +8,7 @@ import torch
 
 from ..errors import SisoError
 from ..hub import read_model_index
+from ..pipeline_files import check_pipeline_folder
 from ..sources import check_source
 from .base import Backbone, Conditioning
 from .flux import FluxBackbone
@@ -43,6 +44,8 @@ def read_pipeline_class(model: str) -> str:
             f"{model} is not a diffusers pipeline directory (it has no model_index.json). "
             "Pass a Hub id such as stabilityai/sdxl-turbo or a directory saved with save_pretrained."
         )
+    if path.exists():  # every file named before the weights load: a damaged copy is named for what it is
+        return check_pipeline_folder(path, model).get("_class_name", "")
     try:
         config = read_model_index(model)  # fails fast, with its own SisoError, when the Hub is unreachable
     except SisoError:

@@ -92,6 +92,23 @@ class Backbone(MemorySavers, ABC):
             return self.preset.prompt_max_tokens
         return self._call_default("max_sequence_length")
 
+    def prompt_cuts(self, prompt: str) -> list[tuple[str, int, int]]:
+        """(tokenizer, the prompt's tokens, tokens its encoder reads) for every tokenizer of the pipeline
+        that cuts ``prompt`` short: CLIP reads 77 tokens, the T5/Gemma/Qwen encoders
+        :attr:`prompt_max_tokens`. Both counts include the special tokens."""
+        from transformers import CLIPTokenizer, CLIPTokenizerFast
+
+        cuts = []
+        for name, tokenizer in self.pipeline.components.items():
+            if not name.startswith("tokenizer") or tokenizer is None:
+                continue
+            clip = isinstance(tokenizer, (CLIPTokenizer, CLIPTokenizerFast))
+            kept = tokenizer.model_max_length if clip else self.prompt_max_tokens
+            tokens = len(tokenizer(prompt, truncation=False, verbose=False)["input_ids"])
+            if tokens > kept:
+                cuts.append((type(tokenizer).__name__.removesuffix("Fast"), tokens, kept))
+        return cuts
+
     @classmethod
     def plain_pipeline_kwargs(cls, steps: int) -> dict[str, Any]:
         """Extra arguments for a plain ``pipeline(...)`` call of ``steps`` steps so that it samples what

@@ -1,4 +1,4 @@
-"""`siso convert-ir`: fetch (optionally) and convert the IR model once; siso never unpickles at run time."""
+"""`siso convert-ir`: fetch (optionally) and convert the IR model once; at run time it is never unpickled."""
 
 from __future__ import annotations
 

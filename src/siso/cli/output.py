@@ -166,6 +166,8 @@ def follow(start: Callable[[], Any], max_steps: int, announce: Callable[[Any], N
         try:
             session = run.session
             console.print(escape(settings_line(session)), highlight=False)
+            for note in session.task.notes:
+                console.print(f"[yellow]Note:[/] {escape(note)}", highlight=False)
             announce_speed(session)
             if announce is not None:
                 announce(session)

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ..config import RenderConfig
 from .options import command, given, knob_parameters
@@ -22,8 +23,15 @@ def _render(out: Annotated[Path, typer.Option(help="PNG file to write.")], **kno
     values = given(RenderConfig, knobs)
     config = RenderConfig(**values)  # every check before the device line and before any model loads
     announce_device(config.device, config.dtype)
-    with console.status(f"Rendering with {escape(config.model)}"):
-        render_image(out=out, **values)
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console)
+    with progress:
+        task = progress.add_task(f"Loading {escape(config.model)}", total=None)
+
+        def step_done(done: int, total: int) -> None:
+            progress.update(task, description="Rendering", completed=done, total=total)
+
+        render_image(out=out, on_step=step_done, **values)
     console.print(f"[green]Wrote[/] {escape(str(out))}")
 
 

@@ -148,9 +148,14 @@ class EditTask(Task):
             )
 
     def extra_sources(self) -> tuple[tuple[str, str], ...]:
+        """Only the models the edit will load: CLIP for a class not given, Grounding DINO + SAM without a mask."""
         config = self.config
-        return tuple((getattr(config, name), config.flag(name))
-                     for name in ("label_model", "detector_model", "segmenter_model"))
+        names = []
+        if not config.subject_class or not config.input_class:  # (as user_label reads them)
+            names.append("label_model")
+        if config.mask is None:
+            names += ["detector_model", "segmenter_model"]
+        return tuple((getattr(config, name), config.flag(name)) for name in names)
 
     def setup(self, backbone: Backbone, device: torch.device, dtype: torch.dtype) -> None:
         self.labels, self.mask = find_labels_and_mask(self.config, self.subject, self.scene, self.user_mask,

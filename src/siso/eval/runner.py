@@ -193,6 +193,10 @@ def run_bench(items: Sequence[BenchItem], settings: BenchSettings, out: str | Pa
     _check_items(items, settings.task)
     if settings.has_reference_set and settings.fid_features == "inception":
         require("torch_fidelity", "FID/KID with --fid-features inception (Inception-v3)")
+    from ..sources import check_source
+
+    for source, flag in settings.model_sources():  # a missing path, or an unreachable Hub, before any worker
+        check_source(source, flag)
     out_dir = Path(out)
     lock = prepare_bench_dir(out_dir, overwrite)
     try:
@@ -216,13 +220,13 @@ def prepare_bench_dir(out_dir: Path, overwrite: bool) -> DirectoryLock:
     check_name_lengths(out_dir, "--out")
     if out_dir.exists() and not out_dir.is_dir():
         raise SisoError(f"--out {out_dir} is a file; pass a directory for the benchmark.")
-    check_writable(out_dir)
     if out_dir.is_dir():
         check_not_locked(out_dir)
         if not only_the_lock(out_dir) and not is_siso_bench(out_dir):
             raise SisoError(f"--out {out_dir} is not empty and is not a siso benchmark (it has no siso "
                             f"{SETTINGS_FILE}); siso bench writes and resumes only its own directories. Choose a new "
                             "directory.")
+    check_writable(out_dir)  # only once it is siso's to write: a refused directory gets no write test
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_directory(out_dir)
     if overwrite and not only_the_lock(out_dir):

@@ -8,14 +8,15 @@ settings are made; each item's config is those settings plus the item's inputs.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import EditConfig, EditSettings, GenerateConfig, GenerateSettings, RunSettings
+from ..config import MAX_RENDER_STEPS, EditConfig, EditSettings, GenerateConfig, GenerateSettings, RunSettings
 from ..errors import SisoError
 from ..ir_cache import DINO_ONLY_NOTICE, resolve_ir
-from ..knobs import knob
+from ..knobs import knob, option
 from ..model_ids import CLIP_MODEL, CMMD_MODEL, CROP_MODEL
 
 TASKS = ("generate", "edit")
@@ -64,8 +65,10 @@ class BenchSettings:
             raise SisoError("--baseline plain is for --task generate; an edit is measured against its input scene.")
         if self.fid_features not in FID_FEATURES:
             raise SisoError(f"--fid-features must be one of {', '.join(FID_FEATURES)}, got {self.fid_features!r}.")
-        if self.render_steps is not None and (not isinstance(self.render_steps, int) or self.render_steps < 1):
-            raise SisoError(f"--render-steps must be a whole number >= 1, got {self.render_steps!r}.")
+        if self.render_steps is not None and (not isinstance(self.render_steps, int)
+                                              or not 1 <= self.render_steps <= MAX_RENDER_STEPS):
+            raise SisoError(f"--render-steps must be a whole number from 1 to {MAX_RENDER_STEPS}, "
+                            f"got {self.render_steps!r}.")
         if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
             raise SisoError(f"--eval-batch-size must be a whole number >= 1, got {self.eval_batch_size!r}.")
 
@@ -81,6 +84,18 @@ class BenchSettings:
                     scene_class: str | None = None, mask: str | Path | None = None) -> EditConfig:
         return EditConfig.from_settings(self.run, subject=Path(subject), input=Path(scene),
                                         subject_class=subject_class, input_class=scene_class, mask=mask)
+
+    def model_sources(self) -> tuple[tuple[str, str], ...]:
+        """(source, flag) of every model the benchmark loads besides the IR model (checked when it is
+        resolved): what is checked before any worker starts."""
+        run, flag = self.run, functools.partial(option, BenchSettings)
+        sources = [(run.model, run.flag("model")), (run.dino_model, run.flag("dino_model")),
+                   (self.clip_model, flag("clip_model"))]
+        if self.has_reference_set:
+            sources.append((self.cmmd_model, flag("cmmd_model")))
+        if self.crop_model is not None:
+            sources.append((self.crop_model, flag("crop_model")))
+        return tuple(sources)
 
     @property
     def device(self) -> str:

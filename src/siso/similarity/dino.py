@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoModel, PretrainedConfig
 
@@ -31,6 +33,9 @@ class DinoSimilarity(SimilarityModel):
     def check_source(cls, source: str) -> None:
         """A local path must exist, and the config (small; downloaded first for a Hub id) must be DINOv2's."""
         check_source(source, "--dino-model")
+        if (Path(source).expanduser() / "model_index.json").is_file():
+            raise SisoError(f"--dino-model {source} is a diffusers pipeline (it has a model_index.json), not DINOv2; "
+                            "pass e.g. facebook/dinov2-large, or a directory of it saved with save_pretrained.")
         try:
             model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
         except Exception as err:  # hub errors come in many types; the message is what matters
@@ -40,9 +45,9 @@ class DinoSimilarity(SimilarityModel):
                 "internet access to download it."
             ) from err
         if model_type != "dinov2":
-            raise SisoError(
-                f"--dino-model {source} is a {model_type} model, not DINOv2; pass e.g. facebook/dinov2-large."
-            )
+            what = f"a {model_type} model" if model_type else (
+                "not a transformers model (its config.json names no model_type: a diffusers model?)")
+            raise SisoError(f"--dino-model {source} is {what}, not DINOv2; pass e.g. facebook/dinov2-large.")
 
     @classmethod
     def from_pretrained(cls, source: str, device: torch.device | str = "cpu",
