@@ -155,21 +155,26 @@ def test_sigkill_leaves_a_lora_that_renders_its_best_png(tmp_path, sd_dir, dino_
 # -- failures while writing, and runs with nothing usable ----------------------------------------------
 
 
+def fail_from_call(monkeypatch, owner, name: str, nth: int, error: Exception, counts=lambda *args: True) -> None:
+    """``owner.name`` raises ``error`` from its ``nth`` call on, counting only the calls ``counts(*args)`` picks."""
+    original, counted = getattr(owner, name), []
+
+    def failing(*args, **kwargs):
+        if counts(*args):
+            counted.append(args)
+            if len(counted) >= nth:
+                raise error
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+
+
 def test_a_full_disk_stops_the_run_and_keeps_the_best(run_siso, monkeypatch, tmp_path, sd_dir, dino_dir,
                                                      subject_photo):
     from siso import run_directory as runs
 
-    original = runs.write_png
-    written = []
-
-    def disk_fills_up(image, path):
-        if Path(path).parent.name == "steps":
-            written.append(path)
-            if len(written) >= 3:
-                raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        original(image, path)
-
-    monkeypatch.setattr(runs, "write_png", disk_fills_up)
+    fail_from_call(monkeypatch, runs, "write_png", 3, OSError(errno.ENOSPC, "No space left on device"),
+                   counts=lambda image, path: Path(path).parent.name == "steps")
     out = tmp_path / "run"
     code, text = run_siso(*generate_args(sd_dir, dino_dir, subject_photo, out, "--max-steps", "10",
                                          "--early-stop-patience", "10"))
@@ -400,16 +405,9 @@ def test_a_lora_write_error_from_safetensors_is_one_clear_message(run_siso, monk
 
     from siso import lora
 
-    original, calls = lora.save_file, []
-
-    def full_at_the_third_save(*args, **kwargs):
-        calls.append(1)
-        if len(calls) >= 3:
-            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
-                                  '"No space left on device" })')
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(lora, "save_file", full_at_the_third_save)
+    full = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                           '"No space left on device" })')
+    fail_from_call(monkeypatch, lora, "save_file", 3, full)
     out = tmp_path / "run"
     code, text = run_siso(*generate_args(sd_dir, dino_dir, subject_photo, out, "--max-steps", "10",
                                          "--early-stop-patience", "10", "--lr", "5e-2"))
@@ -428,16 +426,9 @@ def test_a_disk_turned_read_only_names_the_iteration_on_disk(run_siso, monkeypat
                                                               subject_photo):
     from siso import run_directory as runs
 
-    original, state = runs.write_png, {"best_writes": 0}
-
-    def read_only_after_the_first_best(image, path):
-        if Path(path).name == "best.png":  # the new pair's image, written into its fresh lora/
-            state["best_writes"] += 1
-            if state["best_writes"] >= 2:
-                raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return original(image, path)
-
-    monkeypatch.setattr(runs, "write_png", read_only_after_the_first_best)
+    # The second best's image (written into its fresh lora/) meets a disk turned read-only.
+    fail_from_call(monkeypatch, runs, "write_png", 2, OSError(errno.EROFS, "Read-only file system"),
+                   counts=lambda image, path: Path(path).name == "best.png")
     out = tmp_path / "run"
     code, text = run_siso(*generate_args(sd_dir, dino_dir, subject_photo, out, "--max-steps", "10",
                                          "--early-stop-patience", "10", "--lr", "5e-2"))
