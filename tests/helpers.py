@@ -29,6 +29,12 @@ def bench_args(manifest: Path, out: Path, sd_dir: Path, dino_dir: Path, eval_dir
             "--max-steps", "2", "--render-steps", "1", "--resolution", str(RESOLUTION), "--device", "cpu", *extra]
 
 
+def generate_args(model_dir, dino_dir, subject, out, *extra) -> list[str]:
+    """`siso generate` on the tiny models (CPU, 32 px); ``extra`` flags follow (a repeated flag: the last wins)."""
+    return ["generate", "--subject", str(subject), "--prompt", PROMPT, "--out", str(out), "--model", str(model_dir),
+            "--dino-model", str(dino_dir), "--resolution", str(RESOLUTION), "--device", "cpu", *extra]
+
+
 def tiny_config(model_dir, subject, dino_dir, **overrides) -> GenerateConfig:
     """A generation on the tiny models: CPU, 32 px, a few iterations at a learning rate they feel."""
     options = dict(subjects=(subject,), prompt=PROMPT, model=str(model_dir), dino_model=str(dino_dir),

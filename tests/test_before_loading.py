@@ -13,15 +13,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import helpers
 import pytest
 from conftest import RESOLUTION
 from helpers import PROMPT
 
 
 def generate_args(model_dir, dino_dir, subject, out, *extra):
-    return ["generate", "--subject", str(subject), "--prompt", PROMPT, "--out", str(out), "--model", str(model_dir),
-            "--dino-model", str(dino_dir), "--resolution", str(RESOLUTION), "--device", "cpu", "--max-steps", "1",
-            *extra]
+    return helpers.generate_args(model_dir, dino_dir, subject, out, "--max-steps", "1", *extra)
 
 
 def fake_siso_run(directory: Path) -> Path:

@@ -13,15 +13,10 @@ import pytest
 import torch
 from conftest import RESOLUTION
 from diffusers import DiffusionPipeline
+from helpers import generate_args
 from PIL import Image
 
 from siso.images import pil_to_tensor
-
-
-def generate_args(model_dir, dino_dir, subject, out, *extra):
-    return ["generate", "--subject", str(subject), "--prompt", "a photo of a dog", "--out", str(out),
-            "--model", str(model_dir), "--dino-model", str(dino_dir), "--resolution", str(RESOLUTION),
-            "--device", "cpu", *extra]
 
 
 def test_generate_then_render(run_siso, monkeypatch, tmp_path, sd_dir, dino_dir, subject_photo):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import RESOLUTION
-from helpers import PROMPT
+from helpers import PROMPT, generate_args
 
 from siso.images import pil_to_tensor
 from siso.rendering import render
@@ -66,16 +66,14 @@ def test_the_apps_job_limits_cover_render(sd_dir, dino_dir, tmp_path):
 def test_a_lora_rank_no_layer_can_use_is_refused_before_any_lora_memory(run_siso, tmp_path, sd_dir, dino_dir,
                                                                         subject_photo):
     out = tmp_path / "run"
-    code, text = run_siso("generate", "--subject", subject_photo, "--prompt", PROMPT, "--out", out, "--model", sd_dir,
-                          "--dino-model", dino_dir, "--resolution", RESOLUTION, "--device", "cpu", "--max-steps", "1",
-                          "--lora-rank", "100000")
+    code, text = run_siso(*generate_args(sd_dir, dino_dir, subject_photo, out, "--max-steps", "1", "--lora-rank",
+                                         "100000"))
     assert code == 2 and "--lora-rank 100000 is more than any LoRA layer" in text and "rank" in text, text
     useful = int(text.split("have rank ")[1].split()[0])
     assert 1 <= useful < 100000 and f"--lora-rank {useful} or less" in text
     assert not out.exists()
-    code, text = run_siso("generate", "--subject", subject_photo, "--prompt", PROMPT, "--out", out, "--model", sd_dir,
-                          "--dino-model", dino_dir, "--resolution", RESOLUTION, "--device", "cpu", "--max-steps", "1",
-                          "--lora-rank", str(useful))
+    code, text = run_siso(*generate_args(sd_dir, dino_dir, subject_photo, out, "--max-steps", "1", "--lora-rank",
+                                         str(useful)))
     assert code == 0, text  # the bound itself is allowed
 
 
@@ -84,9 +82,8 @@ def test_a_prompt_cut_short_is_said_with_how_much_is_read(run_siso, tmp_path, sd
 
     long_prompt = "a photo of a dog " * 20  # the tiny CLIP tokenizer: about one token per letter
     out = tmp_path / "run"
-    code, text = run_siso("generate", "--subject", subject_photo, "--prompt", long_prompt, "--out", out, "--model",
-                          sd_dir, "--dino-model", dino_dir, "--resolution", RESOLUTION, "--device", "cpu",
-                          "--max-steps", "1")
+    code, text = run_siso(*generate_args(sd_dir, dino_dir, subject_photo, out, "--max-steps", "1", "--prompt",
+                                         long_prompt))
     assert code == 0, text
     from transformers import CLIPTokenizer
 
@@ -95,9 +92,7 @@ def test_a_prompt_cut_short_is_said_with_how_much_is_read(run_siso, tmp_path, sd
     line = " ".join(text.split())
     assert f"Note: The prompt is {tokens} tokens long for CLIPTokenizer, which reads the first 77" in line
     assert json.loads((out / "run.json").read_text())["notes"][0].startswith(f"The prompt is {tokens} tokens")
-    code, text = run_siso("generate", "--subject", subject_photo, "--prompt", PROMPT, "--out", tmp_path / "short",
-                          "--model", sd_dir, "--dino-model", dino_dir, "--resolution", RESOLUTION, "--device", "cpu",
-                          "--max-steps", "1")
+    code, text = run_siso(*generate_args(sd_dir, dino_dir, subject_photo, tmp_path / "short", "--max-steps", "1"))
     assert code == 0 and "Note:" not in text
     assert "notes" not in json.loads((tmp_path / "short" / "run.json").read_text())
 

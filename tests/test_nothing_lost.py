@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from conftest import RESOLUTION
@@ -26,8 +27,7 @@ from siso.images import pil_to_tensor
 
 
 def generate_args(model_dir, dino_dir, subject, out, *extra):
-    return ["generate", "--subject", str(subject), "--prompt", PROMPT, "--out", str(out), "--model", str(model_dir),
-            "--dino-model", str(dino_dir), "--resolution", str(RESOLUTION), "--device", "cpu", "--lr", "5e-3", *extra]
+    return helpers.generate_args(model_dir, dino_dir, subject, out, "--lr", "5e-3", *extra)  # a rate they feel
 
 
 def assert_lora_renders_best_png(model_dir, out: Path) -> None:
