@@ -15,6 +15,7 @@ from conftest import RESOLUTION
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from siso.app import STOPPING
 from siso.images import pil_to_tensor
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -106,6 +107,9 @@ def test_generate_watch_stop_and_download_the_lora(served_app, browser, subject_
     wait_until(lambda: iteration_shown(page) >= 1 and page.locator("#iterations img").count() >= 2, 120,
                "two iterations in the live view")
     page.click("#stop")
+    # Stop answers with a notice; the status line is the run's own, so whichever of the two reaches
+    # the page first, it ends at "Finished" (an answer written into the status could land after it).
+    page.wait_for_selector(f"text={STOPPING}", timeout=60_000)
     page.wait_for_function("document.querySelector('#status').innerText.includes('Finished')", timeout=120_000)
     assert "interrupted" in status_text(page)
     ARTIFACTS.mkdir(exist_ok=True)

@@ -35,6 +35,9 @@ from .run import Run
 __all__ = ["AppSettings", "SisoApp", "build_app", "launch"]
 
 GPU_QUEUE = "gpu"  # every event that runs a model shares this queue: one job per GPU at a time
+#: Stop goes through the queue (a notice needs a queued event) but never waits behind a job
+STOP_QUEUE = {"concurrency_id": "stop", "concurrency_limit": None}
+STOPPING = "Stopping after this iteration; the best iteration so far is kept."
 CONTINUE_STEPS = 10
 #: the page's controls: which knobs each tab offers, in order (their labels, help and defaults are the knobs')
 GENERATE_CONTROLS = ("seed", "resolution", "max_steps", "learning_rate", "early_stop_patience")
@@ -120,19 +123,23 @@ class SisoApp:
         optimization.extend(extra)
         yield from self._stream(session, self._extra(session, tab))
 
-    def stop(self, request: gr.Request, tab: str = "generate") -> str:
+    def stop(self, request: gr.Request, tab: str = "generate") -> None:
+        """Ask the tab's run to stop after its iteration in progress. The answer is a notice, not the
+        status line: only the run's own stream writes that, so a late answer to Stop cannot overwrite
+        the "Finished" that the stream wrote after it."""
         session = self.session(request, tab)
         if session.run is None:
-            return "Nothing is running."
+            gr.Warning("Nothing is running.")
+            return
         session.run.session.request_stop()
-        return "Stopping after this iteration; the best iteration so far is kept."
+        gr.Info(STOPPING)
 
     # Gradio hands ``request`` over by its annotation, so each tab's buttons get their own methods.
     def resume_edit(self, request: gr.Request) -> Iterator[tuple]:
         yield from self.resume(request, "edit")
 
-    def stop_edit(self, request: gr.Request) -> str:
-        return self.stop(request, "edit")
+    def stop_edit(self, request: gr.Request) -> None:
+        self.stop(request, "edit")
 
     def _stream(self, session: BrowserSession, extra: tuple = ()) -> Iterator[tuple]:
         """The live view of a run; ``extra`` outputs (the edit tab's mask overlay) lead each update."""
@@ -198,6 +205,8 @@ class SisoApp:
         if finished:
             reason = run.session.optimization.stop_reason
             status = f"**Finished** ({reason}). " + status + f" · run directory `{out}`"
+        elif run.session.optimization.stop_requested:
+            status += f" · {STOPPING}"
         if session.note:
             status += f" · {session.note}"
         for note in run.session.task.notes:
@@ -367,7 +376,7 @@ def build_app(settings: AppSettings, cache: ModelCache | None = None) -> gr.Bloc
             inputs = [photos, prompt, model, *controls]
             start.click(app.start, inputs, outputs, concurrency_limit=1, concurrency_id=GPU_QUEUE)
             resume.click(app.resume, None, outputs, concurrency_limit=1, concurrency_id=GPU_QUEUE)
-            stop.click(app.stop, None, outputs[4], queue=False)
+            stop.click(app.stop, None, None, **STOP_QUEUE)
         with gr.Tab("Edit"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -389,7 +398,7 @@ def build_app(settings: AppSettings, cache: ModelCache | None = None) -> gr.Bloc
             e_inputs = [e_subject, e_scene, e_subject_class, e_input_class, e_mask, e_model, *e_controls]
             e_start.click(app.edit, e_inputs, e_outputs, concurrency_limit=1, concurrency_id=GPU_QUEUE)
             e_resume.click(app.resume_edit, None, e_outputs, concurrency_limit=1, concurrency_id=GPU_QUEUE)
-            e_stop.click(app.stop_edit, None, e_outputs[5], queue=False)
+            e_stop.click(app.stop_edit, None, None, **STOP_QUEUE)
         with gr.Tab("Render"):
             with gr.Row():
                 with gr.Column():

@@ -123,6 +123,11 @@ class Optimization:
         """Stop after the current iteration (Ctrl-C, a Stop button); the best so far is kept."""
         self._stop_requested = True
 
+    @property
+    def stop_requested(self) -> bool:
+        """A stop was asked for and the iteration in progress is the last."""
+        return self._stop_requested
+
     def __iter__(self) -> Iterator[StepEvent]:
         s = self.settings
         # Created once: iterating again continues the run with the same optimiser state.
