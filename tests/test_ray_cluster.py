@@ -103,29 +103,32 @@ class Driver:
     def output(self) -> str:
         return self.log.read_text()
 
-    def wait_for_results(self, count: int) -> list[dict]:
-        while len(records := read_results(self.out)) < count:
+    def wait_until(self, condition, what: str):
+        """``condition()``'s first true value, while the bench runs, within the deadline."""
+        while not (value := condition()):
             assert self.process.poll() is None, self.output()
-            assert time.time() - self.started < DEADLINE, f"fewer than {count} items in {DEADLINE} s\n{self.output()}"
+            assert time.time() - self.started < DEADLINE, f"no {what} in {DEADLINE} s\n{self.output()}"
             time.sleep(0.05)
-        return records
+        return value
+
+    def wait_for_results(self, count: int) -> list[dict]:
+        def enough() -> list[dict] | None:
+            records = read_results(self.out)
+            return records if len(records) >= count else None
+
+        return self.wait_until(enough, f"{count} items")
 
     def wait_for_busy_workers(self, count: int) -> None:
         """Until ``count`` items are being made at once (an item's directory without its result yet): with
         one worker per node, every worker then holds an item."""
-        def busy() -> list[Path]:
-            return [item for item in (self.out / "items").glob("*/") if not (item / "result.json").exists()]
+        def busy() -> bool:
+            return len([item for item in (self.out / "items").glob("*/")
+                        if not (item / "result.json").exists()]) >= count
 
-        while len(now := busy()) < count:
-            assert self.process.poll() is None, self.output()
-            assert time.time() - self.started < DEADLINE, f"{len(now)} of {count} workers busy\n{self.output()}"
-            time.sleep(0.02)
+        self.wait_until(busy, f"{count} busy workers")
 
     def wait_for_output(self, text: str) -> None:
-        while text not in self.output():
-            assert self.process.poll() is None, self.output()
-            assert time.time() - self.started < DEADLINE, f"no {text!r} in {DEADLINE} s\n{self.output()}"
-            time.sleep(0.05)
+        self.wait_until(lambda: text in self.output(), repr(text))
 
     def finish(self) -> int:
         try:
@@ -154,6 +157,15 @@ def driver(cluster, manifest, tmp_path, sd_dir, dino_dir, eval_dirs):
 
 def node_of(node) -> str:
     return node.node_id[:8]  # as records and the progress name it
+
+
+def item_workers_on(node) -> list:
+    """The processes running siso's item workers on ``node`` (started by its raylet; Ray titles an
+    actor's process after its class)."""
+    import psutil
+
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    return [child for child in raylet.children(recursive=True) if child.name().startswith("ray::ItemWorker")]
 
 
 def assert_each_item_done_once(out: Path) -> list[dict]:
@@ -188,18 +200,30 @@ def test_a_lost_node_costs_its_item_nothing_and_the_run_finishes_on_the_rest(wor
 
 def test_a_node_that_joins_mid_run_gets_work(workers, driver):
     first = workers.add()
-    # One worker fits now; the second waits for room. Longer items, so the run outlasts the new node's start.
-    bench = driver("--workers", "2", "--max-steps", "80", "--early-stop-patience", "80")
+    # One worker fits now; the second waits for room.
+    bench = driver("--workers", "2", "--max-steps", "30", "--early-stop-patience", "30")
     bench.start()
-    bench.wait_for_output("1 worker(s): node")  # the run is going, on the one node there is
-    joined = workers.add()
+    bench.wait_for_results(1)  # the run is going, on the one node there is
+    # The first node then stalls (a slow machine), so the run cannot end before the new node is up,
+    # however long that takes: the items left are the joined node's to take.
+    stalled = item_workers_on(first)
+    assert stalled, "no siso worker process found on the first node"
+    for process in stalled:
+        process.suspend()
+    try:
+        joined = workers.add()
+        bench.wait_for_output(f"worker 2 ({node_of(joined)}")
+        bench.wait_until(lambda: node_of(joined) in {r["worker"]["node"] for r in read_results(bench.out)},
+                         "item done on the joined node")
+    finally:
+        for process in stalled:
+            process.resume()
     assert bench.finish() == 0, bench.output()
     records = assert_each_item_done_once(bench.out)
     text = " ".join(bench.output().split())
     assert "1 of 2 workers wait for room on the cluster (it has 1 CPUs)" in text
-    assert f"worker 2 ({node_of(joined)}" in text and "started" in text
-    assert node_of(joined) in {r["worker"]["node"] for r in records}, [r["worker"] for r in records]
-    assert node_of(first) in {r["worker"]["node"] for r in records}
+    assert f"worker 2 ({node_of(joined)}, " in text and "started" in text
+    assert {node_of(first), node_of(joined)} == {r["worker"]["node"] for r in records}, [r["worker"] for r in records]
 
 
 def test_a_killed_driver_resumes_without_redoing_or_losing_items(workers, driver):
