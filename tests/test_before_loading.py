@@ -104,7 +104,7 @@ def test_overwrite_of_a_linked_run_replaces_the_run_and_keeps_the_link(tmp_path)
     out, lock = prepare_run_dir(link, overwrite=True)
     lock.release()
     assert link.is_symlink() and link.resolve() == target.resolve()
-    assert sorted(p.name for p in target.iterdir()) == [".siso-lock", "steps"]  # the fresh run, nothing old
+    assert sorted(p.name for p in target.iterdir()) == [".siso-lock"]  # the fresh run, nothing old
     leftovers = [p.name for folder in (tmp_path, target.parent) for p in folder.iterdir() if ".siso-" in p.name]
     assert leftovers == []
 

@@ -96,6 +96,9 @@ class RunSettings:
                                                    "missing, fp32 on the CPU); the LoRA always trains in fp32.")
     similarity_dtype: str = knob("auto", choices=DTYPES, help=(
         "Precision of the DINO and IR models (auto: the frozen weights'; the reference runs them in fp32)."))
+    iteration_images: bool = knob(True, help=(
+        "Write each iteration's image to steps/NNNN.png as it is made (off: only the best is kept, as best.png; "
+        "in a catalogue the iteration images are about half of its storage)."))
     lora_format: tuple[str, ...] | None = knob(None, choices=LORA_FORMATS, preset="lora_format", parse=_lora_formats,
                                                help="LoRA files to write besides the diffusers one (always written): "
                                                     "kohya, for ComfyUI and A1111; repeat the flag for several.")

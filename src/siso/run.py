@@ -49,7 +49,8 @@ class Run:
         self.session = session
         self.out_dir = out_dir
         self.lock = lock  # this process is the directory's one writer until close()
-        self.writer = RunWriter(out_dir, session.record(), save_lora=session.save_lora)
+        self.writer = RunWriter(out_dir, session.record(), save_lora=session.save_lora,
+                                iteration_images=session.task.config.iteration_images)
         self.failure: SisoError | None = None
         self.write_error: Exception | None = None  # the write that stopped the run, if one did
 

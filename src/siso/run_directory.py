@@ -13,7 +13,6 @@ import platform
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
@@ -129,30 +128,26 @@ def check_run_dir(out: str | Path, overwrite: bool, inputs: Iterable[str | Path 
 
 def prepare_run_dir(out: str | Path, overwrite: bool,
                     inputs: Iterable[str | Path | None] = ()) -> tuple[Path, DirectoryLock]:
-    """Check, then create ``out`` with its ``steps/`` folder, locked for this process (:mod:`siso.locks`)
-    until the returned lock is released.
+    """Check, then create ``out``, locked for this process (:mod:`siso.locks`) until the returned
+    lock is released.
 
-    An earlier run that ``overwrite`` replaces goes whole: the old directory is renamed aside, a fresh
-    one renamed into its place, and the old one deleted only then. ``out`` is never a mixture of two
-    runs (no stale step images or LoRA files of another subject); between the two renames it is briefly
-    absent, and a crash there leaves the old run complete beside it (POSIX has no directory swap).
-    Where ``out`` is a symbolic link, the run it points to is replaced, and the link kept.
+    An earlier run that ``overwrite`` replaces goes whole: a fresh directory is swapped into its place
+    (:func:`~siso.files.replace_directory`) and the old one deleted only then. ``out`` is never a
+    mixture of two runs (no stale step images or LoRA files of another subject), and a crash at any
+    moment leaves either run complete. Where ``out`` is a symbolic link, the run it points to is
+    replaced, and the link kept.
     """
     out = check_run_dir(out, overwrite, inputs)
     if out.exists() and not only_the_lock(out):
         old_lock = lock_directory(out)  # nobody may start writing the old run while it is replaced
         target = out.resolve()
         fresh = make_private_dir_public(Path(tempfile.mkdtemp(prefix=f".{target.name}.siso-new-", dir=target.parent)))
-        (fresh / "steps").mkdir()
         lock = lock_directory(fresh)  # locked before it has the run's name
-        old = target.parent / f".{target.name}.siso-old-{uuid.uuid4().hex[:8]}"
-        os.rename(target, old)
-        os.rename(fresh, target)
+        replace_directory(fresh, target)
         old_lock.release()
-        shutil.rmtree(old, ignore_errors=True)
         lock.directory = out
         return out, lock
-    (out / "steps").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     return out, lock_directory(out)
 
 
@@ -164,9 +159,13 @@ class RunWriter:
     best.png. run.json's ``lora_step`` names the iteration the saved LoRA belongs to.
     """
 
-    def __init__(self, out: Path, record: dict[str, Any], save_lora: Callable[[Path], Any] | None = None) -> None:
+    def __init__(self, out: Path, record: dict[str, Any], save_lora: Callable[[Path], Any] | None = None,
+                 iteration_images: bool = True) -> None:
         self.out = out
         self.save_lora = save_lora
+        self.steps = out / "steps" if iteration_images else None  # each iteration's image, or none of them
+        if self.steps is not None:
+            self.steps.mkdir(exist_ok=True)
         self.record = {**record, "losses": [], "best_step": None, "lora_step": None, "stop_reason": None,
                        "status": "running"}
         self.started = time.time()
@@ -174,7 +173,8 @@ class RunWriter:
     def on_step(self, event: StepEvent) -> None:
         # Recorded first: should a write below fail, the final record still has this iteration's losses.
         self.record["losses"].append({**event.losses, "seconds": round(event.seconds, 4)})
-        write_png(tensor_to_pil(event.image), self.out / "steps" / f"{event.step:04d}.png")
+        if self.steps is not None:
+            write_png(tensor_to_pil(event.image), self.steps / f"{event.step:04d}.png")
         if event.is_best:
             self._save_best(event.image, event.step)
         self.record["best_step"] = event.best_step
