@@ -105,10 +105,12 @@ def test_bench_overwrite_starts_its_own_benchmark_afresh(bench, tmp_path):
     assert [r["id"] for r in first] == ["dog", "cat"]
     report = bench(out)  # resumed: nothing to do
     assert report.skipped == 2 and len(read_results(out)) == 2
+    (out / "items" / "dog" / "from-the-first-run").write_text("")
     report = bench(out, overwrite=True)
     assert report.skipped == 0 and report.done == ["dog", "cat"]
     again = read_results(out)
-    assert [r["id"] for r in again] == ["dog", "cat"] and again[0]["finished_at"] > first[-1]["finished_at"]
+    assert [r["id"] for r in again] == ["dog", "cat"] and again[0]["finished_at"] >= first[-1]["finished_at"]
+    assert not (out / "items" / "dog" / "from-the-first-run").exists()  # the items were made again, not kept
 
 
 def test_two_benchmarks_on_one_directory_the_second_is_refused(bench, tmp_path):

@@ -109,6 +109,8 @@ class RayExecutor:
 
     name = "ray"
     POLL_SECONDS = 5.0  # how often a wait with no news checks the worker timeout, and the head is asked
+    SILENT_POLL_SECONDS = 1.0  # how often a head that has stopped answering is asked again
+    HEAD_ASK_TIMEOUT = 2.0  # seconds one question to the head may take
 
     def __init__(self, settings: BenchSettings, out_dir: Path, executor: ExecutorSettings | None = None,
                  note: Note = _ignore) -> None:
@@ -128,7 +130,8 @@ class RayExecutor:
         self._numbers = 0
         self._alone_since: float | None = None  # since when no worker has been ready
         self._head_asked = 0.0
-        self._head_silent_since: float | None = None  # since when the head has not answered
+        self._head_answered = time.monotonic()  # when the head last answered (or Ray connected)
+        self._head_silent = False  # its last question went unanswered
         self._restore_printer: Callable[[], None] = lambda: None
 
     # -- the cluster ------------------------------------------------------------------------------
@@ -147,6 +150,7 @@ class RayExecutor:
                 where = self.address or "a new local instance"
                 raise SisoError(f"Could not start or reach Ray ({where}): {err}") from err
             self.started_ray = True
+        self._head_answered = time.monotonic()
         self._restore_printer = _quiet_cluster_errors(self.note)
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
@@ -208,7 +212,8 @@ class RayExecutor:
     def _wait_once(self, ray) -> Outcome | None:
         """Wait for one warm-up or item to finish (at most the poll interval); the item's outcome if it was one."""
         self._check_head()
-        done, _ = ray.wait(list(self.waiting), num_returns=1, timeout=self.POLL_SECONDS)
+        poll = self.SILENT_POLL_SECONDS if self._head_silent else self.POLL_SECONDS
+        done, _ = ray.wait(list(self.waiting), num_returns=1, timeout=poll)
         if not done:
             self._check_timeout()
             return None
@@ -255,29 +260,31 @@ class RayExecutor:
             )
 
     def _check_head(self) -> None:
-        """Ask the head (its GCS) whether it is there, every poll interval.
+        """Ask the head (its GCS) whether it is there: every poll interval, and every second once it
+        has stopped answering.
 
         Without GCS fault tolerance (an external Redis), a cluster does not survive its head: Ray
-        ends every driver once the head has not answered for its reconnect timeout (60 s). Halfway
-        there siso stops by itself and says what to do; with fault tolerance, the head is back
-        within that time and the run goes on.
+        ends every driver once the head has not answered for its reconnect timeout (60 s). siso stops
+        by itself, and says what to do, once the head has been silent for half of that, counted from
+        its last answer (so the stop comes well before Ray's, however the polls fall); with fault
+        tolerance, the head is back within that time and the run goes on.
         """
         now = time.monotonic()
-        if now - self._head_asked < self.POLL_SECONDS:
+        if now - self._head_asked < (self.SILENT_POLL_SECONDS if self._head_silent else self.POLL_SECONDS):
             return
         self._head_asked = now
         try:
             from ray._private.worker import global_worker
 
-            global_worker.gcs_client.internal_kv_exists(b"siso", b"siso", timeout=3)
+            global_worker.gcs_client.internal_kv_exists(b"siso", b"siso", timeout=self.HEAD_ASK_TIMEOUT)
         except (AttributeError, ImportError):  # a Ray without this client: Ray's own handling applies
             return
         except Exception:  # noqa: BLE001 - whatever the RPC layer raises, the head did not answer
-            if self._head_silent_since is None:
-                self._head_silent_since = now
+            if not self._head_silent:
+                self._head_silent = True
                 self.note("The Ray head node does not answer; waiting for it (a head with GCS fault tolerance "
                           "comes back by itself).")
-            if time.monotonic() - self._head_silent_since > head_timeout():
+            if time.monotonic() - self._head_answered > head_timeout():
                 self.head_lost = True
                 raise ClusterLostError(
                     "The Ray head node stopped answering, and a Ray cluster does not outlive its head unless it "
@@ -285,9 +292,10 @@ class RayExecutor:
                     "cluster, then rerun the same command (with the new --ray-address) to resume."
                 ) from None
             return
-        if self._head_silent_since is not None:
+        self._head_answered = time.monotonic()
+        if self._head_silent:
             self.note("The Ray head node answers again.")
-        self._head_silent_since = None
+        self._head_silent = False
 
     def close(self) -> None:
         import ray
