@@ -146,12 +146,12 @@ def start_run(task: Task, out: str | Path, overwrite: bool = False, cache: Model
     try:
         out_dir, lock = prepare_run_dir(out, overwrite, task.config.input_sources())
         task.write_inputs(out_dir)
+        return Run(session, out_dir, lock)  # (its writer makes steps/)
     except BaseException:
         session.close()
         if lock is not None:
             lock.release()
         raise
-    return Run(session, out_dir, lock)
 
 
 def run_to_end(run: Run) -> RunResult:
