@@ -212,8 +212,7 @@ class RayExecutor:
     def _wait_once(self, ray) -> Outcome | None:
         """Wait for one warm-up or item to finish (at most the poll interval); the item's outcome if it was one."""
         self._check_head()
-        poll = self.SILENT_POLL_SECONDS if self._head_silent else self.POLL_SECONDS
-        done, _ = ray.wait(list(self.waiting), num_returns=1, timeout=poll)
+        done, _ = ray.wait(list(self.waiting), num_returns=1, timeout=self._poll_seconds)
         if not done:
             self._check_timeout()
             return None
@@ -259,6 +258,11 @@ class RayExecutor:
                 "the cluster has room (--worker-timeout sets the wait)."
             )
 
+    @property
+    def _poll_seconds(self) -> float:
+        """How long a wait with no news lasts, and how often the head is asked: shorter once it is silent."""
+        return self.SILENT_POLL_SECONDS if self._head_silent else self.POLL_SECONDS
+
     def _check_head(self) -> None:
         """Ask the head (its GCS) whether it is there: every poll interval, and every second once it
         has stopped answering.
@@ -270,7 +274,7 @@ class RayExecutor:
         tolerance, the head is back within that time and the run goes on.
         """
         now = time.monotonic()
-        if now - self._head_asked < (self.SILENT_POLL_SECONDS if self._head_silent else self.POLL_SECONDS):
+        if now - self._head_asked < self._poll_seconds:
             return
         self._head_asked = now
         try:
